@@ -1,0 +1,39 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Both install into .venv first (once).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# PGD-AT and standard training of PreActResNet-18 (width 0.25) on the embedded MNIST images, offline,
+# then both results side by side.
+demo: $(STAMP)
+	rm -rf outputs/demo
+	$(VENV)/bin/robust-train -m experiment=demo defense=pgd_at,standard hydra.sweep.dir=outputs/demo
+	$(PY) scripts/compare_runs.py outputs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check robust_train tests scripts
+	$(VENV)/bin/ruff format --check robust_train tests scripts
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format robust_train tests scripts
+	$(VENV)/bin/ruff check --fix robust_train tests scripts
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

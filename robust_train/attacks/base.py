@@ -1,0 +1,92 @@
+"""The attack contract: `attack(model, x, y, objective=None) -> x_adv` (DESIGN.md §4).
+
+An attack sets the BatchNorm mode it was configured with, freezes parameter gradients so that inner
+loops differentiate with respect to the input only, and restores every module's mode and every
+parameter's `requires_grad` flag on exit, even when it raises.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_train.errors import ConfigError
+
+# The loss an attack ascends: (model, x_candidate) -> per-example loss of shape (B,).
+Objective = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def ce_objective(y: torch.Tensor) -> Objective:
+    """Per-example cross-entropy of the model's logits against the true labels."""
+
+    def objective(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y, reduction="none")
+
+    return objective
+
+
+@contextmanager
+def attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
+    """Put the model in `bn_mode` ('train' or 'eval') with frozen parameters; restore both on exit."""
+    if bn_mode not in ("train", "eval"):
+        raise ConfigError(f"bn_mode={bn_mode!r} is not allowed; choose one of: train, eval")
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.train(bn_mode == "train")
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class Attack(ABC):
+    """Base class. Subclasses implement `perturb`; `__call__` wraps it in `attack_mode`."""
+
+    name: str = "attack"
+
+    def __init__(self, bn_mode: str = "eval") -> None:
+        self.bn_mode = bn_mode
+        self.forward_passes = 0
+        self.backward_passes = 0
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective | None = None
+    ) -> torch.Tensor:
+        with attack_mode(model, self.bn_mode):
+            return self.perturb(model, x, y, objective or ce_objective(y))
+
+    @abstractmethod
+    def perturb(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective
+    ) -> torch.Tensor:
+        """Return x_adv; called with the model already in the attack's BN mode and frozen."""
+
+    def describe(self) -> dict:
+        """The settings that identify this attack in a results table."""
+        return {"name": self.name, "bn_mode": self.bn_mode}
+
+
+class Clean(Attack):
+    """The identity 'attack': clean accuracy through the same evaluation loop."""
+
+    name = "clean"
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective | None = None
+    ) -> torch.Tensor:
+        return x
+
+    def perturb(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective
+    ) -> torch.Tensor:
+        return x

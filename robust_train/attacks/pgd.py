@@ -1,0 +1,101 @@
+"""Projected gradient descent (Madry et al. 2018) and FGSM, for any threat model (base spec §1.1, §1.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from robust_train.attacks.base import Attack, Objective
+from robust_train.attacks.threat import ThreatModel
+
+
+class PGD(Attack):
+    """PGD with random start and restarts; keeps, per example, the restart with the highest objective.
+
+    Step order (base spec §1.1): ascent step, projection onto the ball, clip to the box. The random
+    start is clipped to the box before the first gradient.
+    """
+
+    name = "pgd"
+
+    def __init__(
+        self,
+        threat: ThreatModel,
+        steps: int,
+        step_size: float,
+        restarts: int = 1,
+        random_start: str = "uniform",
+        bn_mode: str = "eval",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(bn_mode)
+        self.threat = threat
+        self.steps = int(steps)
+        self.step_size = float(step_size)
+        self.restarts = int(restarts)
+        self.random_start = random_start
+        self.generator = generator
+
+    def perturb(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective
+    ) -> torch.Tensor:
+        x = x.detach()
+        best_delta = torch.zeros_like(x)
+        best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
+        for _ in range(self.restarts):
+            delta = self.threat.random_init(x, self.random_start, self.generator)
+            for _ in range(self.steps):
+                delta.requires_grad_(True)
+                loss = objective(model, x + delta)
+                # Sum, not mean: per-example gradients do not depend on the batch size.
+                (grad,) = torch.autograd.grad(loss.sum(), delta)
+                self.forward_passes += 1
+                self.backward_passes += 1
+                delta = self.threat.step(delta.detach(), grad, self.step_size, x)
+            delta = delta.detach()
+            if self.restarts == 1:
+                return (x + delta).clamp(0, 1)
+            with torch.no_grad():
+                loss = objective(model, x + delta).float()
+            self.forward_passes += 1
+            better = loss >= best_loss
+            best_delta = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta, best_delta)
+            best_loss = torch.maximum(best_loss, loss)
+        return (x + best_delta).clamp(0, 1)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "norm": self.threat.norm,
+            "eps": self.threat.eps,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "restarts": self.restarts,
+            "random_start": self.random_start,
+            "bn_mode": self.bn_mode,
+            "loss": "ce",
+        }
+
+
+class FGSM(PGD):
+    """One signed-gradient step of size eps (or `step_size`) from a zero or random start."""
+
+    name = "fgsm"
+
+    def __init__(
+        self,
+        threat: ThreatModel,
+        step_size: float | None = None,
+        random_start: str = "none",
+        bn_mode: str = "eval",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(
+            threat,
+            steps=1,
+            step_size=threat.eps if step_size is None else step_size,
+            restarts=1,
+            random_start=random_start,
+            bn_mode=bn_mode,
+            generator=generator,
+        )

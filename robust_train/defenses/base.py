@@ -1,0 +1,62 @@
+"""The base-defense contract of the training-step pipeline (DESIGN.md §5).
+
+A base defense supplies the two things every step needs: the objective its training attack ascends
+(`inner_objective`) and the loss the optimizer minimizes (`outer_loss`). Add-ons contribute to the same
+stages through their own hooks; the pipeline in `robust_train.training.step` calls both.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from robust_train.attacks import Attack, Objective, ThreatModel, build_attack, ce_objective
+from robust_train.training.forwards import StepForwards
+
+
+@dataclass
+class StepLoss:
+    """A step's loss, its named terms (detached, for logging) and the logits its accuracy is read from."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Defense(ABC):
+    """A base training method. Subclasses override `outer_loss` and, when they attack, `inner_objective`."""
+
+    name = "defense"
+    # Which branch the training accuracy is measured on ('adv' for adversarial training).
+    train_branch = "clean"
+
+    def __init__(self, cfg: Any, threat: ThreatModel) -> None:
+        self.cfg = cfg
+        self.threat = threat
+        attack_cfg = cfg.get("attack") if cfg is not None else None
+        self.attack: Attack | None = (
+            build_attack(attack_cfg, threat, key="defense.attack") if attack_cfg is not None else None
+        )
+
+    def inner_objective(self, x: torch.Tensor, y: torch.Tensor) -> Objective:
+        """The per-example loss the training attack ascends; CE by default."""
+        return ce_objective(y)
+
+    def craft(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective
+    ) -> torch.Tensor | None:
+        """The adversarial batch, or None for a defense that trains on clean inputs only."""
+        if self.attack is None:
+            return None
+        return self.attack(model, x, y, objective).detach()
+
+    @abstractmethod
+    def outer_loss(self, out: StepForwards) -> StepLoss:
+        """The loss minimized in this step."""
+
+    def on_epoch_start(self, epoch: int) -> None:  # noqa: B027 (optional hook)
+        """Epoch-dependent switches (e.g. warm-ups); nothing by default."""

@@ -1,0 +1,103 @@
+"""`robust-eval`: evaluate a saved checkpoint with an eval suite and write results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from robust_train.builders import model_from_config, threat_from_config
+from robust_train.config import resolve_device, validate_eval_config, validate_train_config
+from robust_train.data import build_dataset
+from robust_train.errors import ConfigError
+from robust_train.evaluation.suite import build_suite, run_suite
+from robust_train.models import check_state_dict_compatible
+from robust_train.tracking.checkpoint import load_checkpoint, seed_everything
+from robust_train.tracking.results import format_table, new_results, write_results
+from robust_train.tracking.wandb_run import build_tracker
+
+
+def merged_config(cfg: DictConfig, state: dict[str, Any]) -> DictConfig:
+    """The checkpoint's training config with this evaluation's choices laid over it."""
+    base = OmegaConf.create(state.get("config") or {})
+    if "model" not in base or "dataset" not in base:
+        raise ConfigError(f"checkpoint={cfg.checkpoint} carries no training config; it cannot be rebuilt")
+    overlay: dict[str, Any] = {
+        "eval": OmegaConf.to_container(cfg.eval, resolve=False),
+        "logger": OmegaConf.to_container(cfg.logger, resolve=False),
+        "device": cfg.device,
+        "seed": cfg.seed,
+    }
+    for key in ("model", "dataset", "threat"):
+        node = cfg.get(key)
+        values = {
+            k: v for k, v in (OmegaConf.to_container(node, resolve=False) or {}).items() if v is not None
+        }
+        # A model override only counts with a name: width alone (e.g. from debug=fast) cannot apply
+        # to trained weights.
+        if values and (key != "model" or "name" in values):
+            overlay[key] = values
+    merged = OmegaConf.merge(base, overlay)
+    OmegaConf.resolve(merged)
+    return merged
+
+
+def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, group: str | None = None) -> dict[str, Any]:
+    """Rebuild the checkpoint's model, run the eval suite on the test set, write out_dir/results.json."""
+    validate_eval_config(cfg)
+    state = load_checkpoint(cfg.checkpoint)
+    full = merged_config(cfg, state)
+    validate_train_config(full)
+    device = resolve_device(full.get("device"))
+    seed = int(full.seed)
+    seed_everything(seed)
+    data = build_dataset(full.dataset, seed).to(device)
+    model = model_from_config(full.model, data).to(device)
+    check_state_dict_compatible(model, state["model"], str(cfg.checkpoint))
+    model.load_state_dict(state["model"])
+    threat = threat_from_config(full.threat)
+    attacks = build_suite(full.eval, threat)
+    n = full.eval.get("n_examples")
+    x, y = data.test_x, data.test_y
+    if n:
+        x, y = x[: int(n)], y[: int(n)]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(full, resolve=True)
+    tracker = build_tracker(
+        full.logger,
+        out_dir,
+        config,
+        name=f"eval-{Path(str(cfg.checkpoint)).parent.name}-{Path(str(cfg.checkpoint)).stem}",
+        group=group,
+        tags=[f"dataset:{full.dataset.name}", f"model:{full.model.name}", "eval"],
+    )
+    results = new_results(config, seed, str(device), out_dir)
+    results["checkpoint"] = str(cfg.checkpoint)
+    kind = Path(str(cfg.checkpoint)).stem
+    try:
+        results["eval"] = {
+            "suite": full.eval.get("name"),
+            "n_examples": int(x.shape[0]),
+            kind: {
+                "epoch": int(state.get("epoch", -1)),
+                "checkpoint": str(cfg.checkpoint),
+                "attacks": run_suite(model, attacks, x, y, int(full.eval.batch_size), True, kind),
+            },
+        }
+        write_results(results, out_dir / "results.json")
+        rows = [
+            [kind, name, a["accuracy"], a["n"], a["time_s"]]
+            for name, a in results["eval"][kind]["attacks"].items()
+        ]
+        tracker.log_table("eval/results", ["checkpoint", "attack", "accuracy", "n", "time_s"], rows)
+        tracker.summary({f"eval/{kind}/{r[1]}": r[2] for r in rows})
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish(exit_code=0)
+    print(format_table(results["eval"]), flush=True)
+    print(f"results: {out_dir / 'results.json'}", flush=True)
+    return results

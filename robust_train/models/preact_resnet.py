@@ -1,0 +1,107 @@
+"""Pre-activation ResNets: PreActResNet-18 (robust_overfitting / AWP layout) and PreActResNet-56."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robust_train.models.base import RobustModel, pool_flatten, scale_channels, sequential_block_names
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv-BN-ReLU-conv; the projection shortcut (1x1 conv, no BN) sees the pre-activated input."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.shortcut: nn.Sequential | None = None
+        if stride != 1 or in_planes != planes:
+            # Sequential keeps the reference key names (`shortcut.0.weight`).
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(a)
+        out = self.conv1(a)
+        out = self.conv2(F.relu(self.bn2(out)))
+        # Out of place: a hook may hold conv2's output.
+        return out + shortcut
+
+
+class PreActResNet(RobustModel):
+    """Stem conv (no BN/ReLU), pre-activation stages, final BN-ReLU, global average pool, Linear."""
+
+    def __init__(
+        self,
+        arch: str,
+        stem_channels: int,
+        stage_channels: Sequence[int],
+        stage_blocks: Sequence[int],
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        normalize: str = "meanstd",
+        width: float = 1.0,
+    ) -> None:
+        super().__init__(num_classes, mean, std, normalize, width)
+        self.arch = arch
+        in_planes = scale_channels(stem_channels, width)
+        self.conv1 = nn.Conv2d(3, in_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        names: list[str] = []
+        stages: list[nn.Sequential] = []
+        for i, (channels, blocks) in enumerate(zip(stage_channels, stage_blocks, strict=True)):
+            planes = scale_channels(channels, width)
+            layers = []
+            for j in range(blocks):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(PreActBlock(in_planes, planes, stride))
+                in_planes = planes
+            stage = nn.Sequential(*layers)
+            name = f"layer{i + 1}"
+            setattr(self, name, stage)
+            names.append(name)
+            stages.append(stage)
+        self._stage_names = names
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+        self.feature_layers = list(names)
+        self.block_layers = sequential_block_names(names, stages)
+
+    def forward_body(self, z: Tensor) -> Tensor:
+        out = self.conv1(z)
+        for name in self._stage_names:
+            out = getattr(self, name)(out)
+        return pool_flatten(F.relu(self.bn(out)))
+
+
+def preact_resnet18(
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    width: float = 1.0,
+    normalize: str = "meanstd",
+) -> PreActResNet:
+    """PreActResNet-18: 64-ch stem, 4 stages x 2 blocks (64/128/256/512)."""
+    return PreActResNet(
+        "preact_resnet18", 64, (64, 128, 256, 512), (2, 2, 2, 2), num_classes, mean, std, normalize, width
+    )
+
+
+def preact_resnet56(
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    width: float = 1.0,
+    normalize: str = "meanstd",
+) -> PreActResNet:
+    """PreActResNet-56 (LAD): 16-ch stem, 3 stages x 9 blocks (16/32/64)."""
+    return PreActResNet(
+        "preact_resnet56", 16, (16, 32, 64), (9, 9, 9), num_classes, mean, std, normalize, width
+    )

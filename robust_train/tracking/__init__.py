@@ -1,0 +1,1 @@
+"""Run tracking: checkpoints, the local results file and the W&B mirror."""

@@ -1,0 +1,63 @@
+"""Shared forward passes of one training step.
+
+Every loss term of a step (the base defense's and each add-on's) reads logits and tapped features
+from one `StepForwards`, so each forward runs at most once per step (DESIGN.md §5). Layers that any
+term will need are declared up front; the first request of a branch then captures all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from robust_train.models.features import forward_with_features
+
+
+class StepForwards:
+    """Lazily computed, cached forwards of the clean and adversarial batch in the current model mode."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_adv: torch.Tensor | None,
+        layers: Iterable[str] = (),
+    ) -> None:
+        self.model = model
+        self.x = x
+        self.y = y
+        self.x_adv = x_adv
+        self.layers = list(dict.fromkeys(layers))
+        self._logits: dict[str, torch.Tensor] = {}
+        self._features: dict[str, dict[str, torch.Tensor]] = {}
+        self.forward_passes = 0
+
+    def _run(self, branch: str) -> None:
+        if branch in self._logits:
+            return
+        if branch == "adv":
+            if self.x_adv is None:
+                raise RuntimeError("this defense crafted no adversarial batch; there is no 'adv' forward")
+            inp = self.x_adv
+        else:
+            inp = self.x
+        if self.layers:
+            logits, feats = forward_with_features(self.model, inp, self.layers)
+        else:
+            logits, feats = self.model(inp), {}
+        self.forward_passes += 1
+        self._logits[branch] = logits
+        self._features[branch] = feats
+
+    def logits(self, branch: str) -> torch.Tensor:
+        """Logits of 'clean' or 'adv' inputs, with gradient, computed once."""
+        self._run(branch)
+        return self._logits[branch]
+
+    def features(self, branch: str) -> dict[str, torch.Tensor]:
+        """Tapped features (the declared layers) of the 'clean' or 'adv' forward."""
+        self._run(branch)
+        return self._features[branch]

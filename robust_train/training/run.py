@@ -1,0 +1,157 @@
+"""A whole training run: build, train (or resume), evaluate best and last, write results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from robust_train.attacks import ThreatModel
+from robust_train.builders import model_from_config, optimizer_from_config, threat_from_config
+from robust_train.config import resolve_device, validate_train_config
+from robust_train.data import DataBundle, build_dataset
+from robust_train.defenses import build_defense
+from robust_train.errors import CheckpointError
+from robust_train.evaluation.suite import build_suite, run_suite
+from robust_train.models import check_state_dict_compatible
+from robust_train.tracking.checkpoint import load_checkpoint, seed_everything
+from robust_train.tracking.results import format_table, new_results, write_results
+from robust_train.tracking.wandb_run import Tracker, build_tracker
+from robust_train.training.trainer import Trainer
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.get("name") or f"{cfg.dataset.name}-{cfg.model.name}-{cfg.defense.name}-s{cfg.seed}"
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    return [f"dataset:{cfg.dataset.name}", f"model:{cfg.model.name}", f"defense:{cfg.defense.name}"]
+
+
+def _check_resume_compatible(state: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """Refuse to resume a run directory whose last.pt was trained with another model or dataset."""
+    old = state.get("config") or {}
+    for group, keys in (("model", ("name", "width", "normalize")), ("dataset", ("name",))):
+        for key in keys:
+            before, now = (old.get(group) or {}).get(key), cfg[group].get(key)
+            if before != now:
+                raise CheckpointError(
+                    f"{path} was written by a run with {group}.{key}={before!r}, but this run has "
+                    f"{group}.{key}={now!r}; resume with the same {group} or choose a new hydra.run.dir"
+                )
+
+
+def evaluate_checkpoints(
+    cfg: DictConfig,
+    trainer: Trainer,
+    data: DataBundle,
+    threat: ThreatModel,
+    tracker: Tracker,
+) -> dict[str, Any]:
+    """The eval suite on the test set for each checkpoint kind in `eval.checkpoints` (best, last)."""
+    ev = cfg.eval
+    attacks = build_suite(ev, threat)
+    n = ev.get("n_examples")
+    x, y = data.test_x, data.test_y
+    if n:
+        x, y = x[: int(n)], y[: int(n)]
+    out: dict[str, Any] = {"suite": ev.get("name"), "n_examples": int(x.shape[0])}
+    progress = bool(cfg.trainer.get("progress", True))
+    for kind in ev.get("checkpoints") or ["last"]:
+        path = trainer.run_dir / f"{kind}.pt"
+        if not path.exists():
+            continue
+        state = load_checkpoint(path, map_location=data.test_x.device)
+        trainer.model.load_state_dict(state["model"])
+        out[kind] = {
+            "epoch": int(state["epoch"]),
+            "checkpoint": str(path),
+            "attacks": run_suite(trainer.model, attacks, x, y, int(ev.batch_size), progress, kind),
+        }
+    # Leave the model as the run ended.
+    trainer.model.load_state_dict(load_checkpoint(trainer.run_dir / "last.pt")["model"])
+    rows = [
+        [kind, entry["epoch"], name, a["accuracy"], a["n"], a["time_s"]]
+        for kind, entry in out.items()
+        if isinstance(entry, dict)
+        for name, a in entry["attacks"].items()
+    ]
+    tracker.log_table("eval/results", ["checkpoint", "epoch", "attack", "accuracy", "n", "time_s"], rows)
+    tracker.summary(
+        {f"eval/{row[0]}/{row[2]}": row[3] for row in rows} | {"eval/n_examples": out["n_examples"]}
+    )
+    return out
+
+
+def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
+    """Train, resume or finish the run in `run_dir`; returns the results written to results.json."""
+    validate_train_config(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.get("device"))
+    seed = int(cfg.seed)
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    resume_state = None
+    last = run_dir / "last.pt"
+    if cfg.trainer.get("resume", True) and last.exists():
+        resume_state = load_checkpoint(last)
+        _check_resume_compatible(resume_state, cfg, last)
+
+    seed_everything(seed)
+    data = build_dataset(cfg.dataset, seed).to(device)
+    model = model_from_config(cfg.model, data).to(device)
+    threat = threat_from_config(cfg.threat)
+    defense = build_defense(cfg.defense, threat)
+    optimizer = optimizer_from_config(cfg.trainer.optimizer, model, device)
+    if resume_state is not None:
+        check_state_dict_compatible(model, resume_state["model"], str(last))
+
+    tracker = build_tracker(
+        cfg.logger,
+        run_dir,
+        config,
+        name=run_name(cfg),
+        group=group,
+        tags=run_tags(cfg),
+        resume_id=resume_state.get("wandb_run_id") if resume_state else None,
+    )
+    results = new_results(config, seed, str(device), run_dir)
+    results_path = run_dir / "results.json"
+    meta = {
+        "config": config,
+        "num_classes": data.num_classes,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "image_shape": list(data.image_shape),
+    }
+
+    def record_epoch(_: dict[str, Any]) -> None:
+        results["train"] = {
+            "epochs_completed": trainer.epoch,
+            "best": trainer.best,
+            "history": trainer.history,
+        }
+        write_results(results, results_path)
+
+    trainer = Trainer(
+        cfg, run_dir, data, model, defense, optimizer, threat,
+        tracker=tracker, checkpoint_extra=meta, on_epoch_end=record_epoch,
+    )  # fmt: skip
+    print(f"run dir: {run_dir}\ndata: {data.summary()}\ndevice: {device}", flush=True)
+    try:
+        if resume_state is not None:
+            trainer.load_state_dict(resume_state)
+            print(f"resumed from {last} after epoch {trainer.epoch}", flush=True)
+        trainer.fit()
+        record_epoch({})
+        results["eval"] = evaluate_checkpoints(cfg, trainer, data, threat, tracker)
+        write_results(results, results_path)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    print(format_table(results["eval"]), flush=True)
+    print(f"results: {results_path}", flush=True)
+    tracker.finish(exit_code=0)
+    return results

@@ -1,0 +1,80 @@
+"""One training step: the base defense plus add-ons, composed in the fixed order of `addons/base.py`.
+
+The step never reads a value back to the host: it returns detached device tensors that the trainer
+accumulates and reads once per logging interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+
+from robust_train.addons.base import Addon
+from robust_train.attacks import Objective
+from robust_train.defenses.base import Defense
+from robust_train.training.forwards import StepForwards
+
+
+class TrainStep:
+    """Callable `(x, y) -> metrics` running attack, outer forward/backward and the optimizer step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        defense: Defense,
+        optimizer: torch.optim.Optimizer,
+        addons: Sequence[Addon] = (),
+    ) -> None:
+        self.model = model
+        self.defense = defense
+        self.optimizer = optimizer
+        self.addons = list(addons)
+        self.layers = [name for a in self.addons for name in a.required_layers()]
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> Objective:
+        """The base objective plus every add-on's per-example term."""
+        base = self.defense.inner_objective(x, y)
+        if not self.addons:
+            return base
+
+        def combined(model: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
+            total = base(model, x_adv)
+            for addon in self.addons:
+                extra = addon.inner_objective(model, x_adv, y)
+                if extra is not None:
+                    total = total + extra
+            return total
+
+        return combined
+
+    def craft(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Stages 2-3: the adversarial batch under every add-on's attack context."""
+        if self.defense.attack is None:
+            return None
+        with ExitStack() as stack:
+            for addon in self.addons:
+                stack.enter_context(addon.attack_context(self.model, x, y))
+            return self.defense.craft(self.model, x, y, self.objective(x, y))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        x_adv = self.craft(x, y)
+        self.model.train()
+        with ExitStack() as stack:
+            for addon in self.addons:
+                stack.enter_context(addon.weight_perturbation(self.model, x, y))
+            out = StepForwards(self.model, x, y, x_adv, self.layers)
+            result = self.defense.outer_loss(out)
+            loss = result.loss
+            terms = dict(result.terms)
+            for addon in self.addons:
+                for key, term in addon.outer_loss(out).items():
+                    loss = loss + term
+                    terms[f"{addon.name}/{key}"] = term.detach()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        correct = (result.logits.detach().argmax(1) == y).sum()
+        return {"loss": loss.detach(), "correct": correct, **terms}

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models and inputs, and a Hydra-compose helper."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# W&B must never try the network from a test.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+class TinyCNN(nn.Module):
+    """A 10-class CNN with BatchNorm, small enough for float64 identities on the CPU."""
+
+    def __init__(self, channels: int = 4, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyCNN()
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, 32, 32, generator=g)
+    x[0] = 0.0  # inputs at the box boundary
+    x[1] = 1.0
+    y = torch.randint(0, 10, (8,), generator=g)
+    return x, y
+
+
+@pytest.fixture
+def compose() -> Callable[..., object]:
+    """Compose the real Hydra config with overrides, as the CLI would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def _compose(overrides: list[str] | None = None, config_name: str = "config"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+    return _compose
