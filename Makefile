@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# PGD-AT and standard training of PreActResNet-18 (width 0.25) on the embedded MNIST images, offline,
+# PGD-AT and standard training of PreActResNet-18 (width 0.125) on the embedded MNIST images, offline,
 # then both results side by side.
 demo: $(STAMP)
 	rm -rf outputs/demo

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from collections.abc import Sequence
 
 import torch
@@ -56,7 +58,7 @@ def make_normalize(mode: str, mean: Sequence[float], std: Sequence[float]) -> nn
     return Normalize(mean_l, std_l)
 
 
-class RobustModel(nn.Module):
+class RobustModel(nn.Module, ABC):
     """Base class of every architecture: [0, 1] images in, logits out.
 
     Subclasses build their layers, set `fc`, `feature_layers` and `block_layers`, and implement
@@ -82,9 +84,9 @@ class RobustModel(nn.Module):
         self.feature_layers: list[str] = []
         self.block_layers: list[str] = []
 
+    @abstractmethod
     def forward_body(self, z: Tensor) -> Tensor:
         """Normalized input -> pooled penultimate features (N, fc.in_features)."""
-        raise NotImplementedError
 
     def features(self, x: Tensor) -> Tensor:
         """Pooled penultimate vector for [0, 1] input x; `fc(features(x)) == forward(x)`."""

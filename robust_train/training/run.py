@@ -58,17 +58,24 @@ def evaluate_checkpoints(
         x, y = x[: int(n)], y[: int(n)]
     out: dict[str, Any] = {"suite": ev.get("name"), "n_examples": int(x.shape[0])}
     progress = bool(cfg.trainer.get("progress", True))
+    evaluated: dict[int, str] = {}  # epoch -> the checkpoint kind already evaluated at that epoch
     for kind in ev.get("checkpoints") or ["last"]:
         path = trainer.run_dir / f"{kind}.pt"
         if not path.exists():
             continue
         state = load_checkpoint(path, map_location=data.test_x.device)
+        epoch = int(state["epoch"])
+        if epoch in evaluated:
+            # best.pt and last.pt of the same epoch hold the same weights: evaluate once.
+            out[kind] = {**out[evaluated[epoch]], "checkpoint": str(path), "same_as": evaluated[epoch]}
+            continue
         trainer.model.load_state_dict(state["model"])
         out[kind] = {
-            "epoch": int(state["epoch"]),
+            "epoch": epoch,
             "checkpoint": str(path),
             "attacks": run_suite(trainer.model, attacks, x, y, int(ev.batch_size), progress, kind),
         }
+        evaluated[epoch] = kind
     # Leave the model as the run ended.
     trainer.model.load_state_dict(load_checkpoint(trainer.run_dir / "last.pt")["model"])
     rows = [
