@@ -12,6 +12,7 @@ class Tracker:
     """No-op tracker (`logger=none`); the interface the trainer and evaluator log through."""
 
     run_id: str | None = None
+    group: str | None = None
 
     def log(self, metrics: dict[str, Any]) -> None:
         """Log a dict of scalars (keys like 'train/loss'; include 'epoch')."""
@@ -41,6 +42,7 @@ class WandbTracker(Tracker):
     ) -> None:
         self._run = None
         self.run_id = resume_id
+        self.group = cfg.get("group") or group
         try:
             import wandb
 
@@ -54,7 +56,7 @@ class WandbTracker(Tracker):
                 mode=cfg.get("mode") or "offline",
                 dir=str(wandb_dir),
                 name=name,
-                group=cfg.get("group") or group,
+                group=self.group,
                 job_type=cfg.get("job_type") or "train",
                 tags=[str(t) for t in (list(cfg.get("tags") or []) + tags)],
                 config=config,

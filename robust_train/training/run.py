@@ -125,6 +125,7 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
         resume_id=resume_state.get("wandb_run_id") if resume_state else None,
     )
     results = new_results(config, seed, str(device), run_dir)
+    results["wandb"] = {"run_id": tracker.run_id, "group": tracker.group}
     results_path = run_dir / "results.json"
     meta = {
         "config": config,

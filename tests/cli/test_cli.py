@@ -195,3 +195,16 @@ def test_standard_defense_runs(compose, tmp_path: Path) -> None:
     res = train_run(_cfg(compose, tmp_path, "defense=standard"), tmp_path / "std")
     assert res["config"]["defense"]["attack"] is None
     assert set(res["eval"]["last"]["attacks"]) == {"clean", "pgd20"}
+
+
+def test_multirun_jobs_get_own_dirs_and_share_the_sweep_group(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep-xyz"
+    proc = run_cli(
+        "robust-train", "-m", "debug=fast", "trainer.progress=false", "logger=wandb",
+        "eval.checkpoints=[last]", "defense=pgd_at,standard", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(2)]
+    assert [r["config"]["defense"]["name"] for r in results] == ["pgd_at", "standard"]
+    assert all(r["wandb"]["group"] == "sweep-xyz" for r in results)
+    assert results[0]["wandb"]["run_id"] != results[1]["wandb"]["run_id"]
