@@ -19,8 +19,10 @@ NORMS = ("linf", "l2")
 BN_MODES = ("train", "eval")
 RANDOM_STARTS = ("uniform", "normal", "none")
 SCHEDULES = ("piecewise", "cosine", "constant")
-DEFENSES = ("standard", "pgd_at")
-ATTACKS = ("clean", "fgsm", "pgd")
+DEFENSES = ("standard", "pgd_at", "trades", "mart")
+ATTACKS = ("clean", "fgsm", "pgd", "cw", "autoattack")
+AUTOATTACK_VERSIONS = ("standard", "lite")
+ATTACK_LOSSES = ("ce", "cw")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 CHECKPOINT_KINDS = ("best", "last")
@@ -121,9 +123,19 @@ def _check_attack(c: _Checker, attack: Any, path: str) -> None:
     name = c.choice(attack, "name", path, ATTACKS)
     if name in ("clean", None):
         return
-    if name == "pgd":
+    if _get(attack, "norm") is not None:
+        c.choice(attack, "norm", path, NORMS)
+    if name == "autoattack":
+        c.choice(attack, "version", path, AUTOATTACK_VERSIONS)
+        c.number(attack, "batch_size", path, lo=1, integer=True, optional=True)
+        if _get(attack, "eps") is not None:
+            c.number(attack, "eps", path, lo=0.0)
+        return
+    if name in ("pgd", "cw"):
         c.number(attack, "steps", path, lo=0, integer=True)
         c.number(attack, "restarts", path, lo=1, integer=True, optional=True)
+    if _get(attack, "loss") is not None:
+        c.choice(attack, "loss", path, ATTACK_LOSSES)
     if _get(attack, "step") is not None:
         c.number(attack, "step", path, lo=0.0, lo_open=True)
     if _get(attack, "eps") is not None:
@@ -182,6 +194,14 @@ def validate_train_config(cfg: Any) -> None:
     _check_threat(c, cfg.threat)
 
     defense = c.choice(cfg.defense, "name", "defense", DEFENSES)
+    if defense in ("trades", "mart"):
+        c.number(cfg.defense, "beta", "defense", lo=0.0)
+    awp = _get(cfg.defense, "awp")
+    if awp is not None and _get(awp, "enabled"):
+        if defense == "standard":
+            c.problems.append("defense.awp.enabled=true needs an adversarial defense (pgd_at, trades, mart)")
+        c.number(awp, "gamma", "defense.awp", lo=0.0, hi=1.0)
+        c.number(awp, "warmup_epochs", "defense.awp", lo=0, integer=True)
     attack = _get(cfg.defense, "attack")
     if defense == "standard" and attack is not None:
         c.problems.append("defense=standard trains on clean inputs; defense.attack must be null")
@@ -190,6 +210,8 @@ def validate_train_config(cfg: Any) -> None:
             c.problems.append(f"defense={defense} needs a training attack: defense.attack is null")
         else:
             _check_attack(c, attack, "defense.attack")
+            if _get(attack, "name") == "autoattack":
+                c.problems.append("defense.attack cannot be autoattack: it is an evaluation-only attack")
 
     t = cfg.trainer
     c.number(t, "epochs", "trainer", lo=1, integer=True)

@@ -8,13 +8,14 @@ in the config:
 2. `attack_context`       entered around crafting x_adv (e.g. weight noise during the attack)
 3. `inner_objective`      per-example terms added to the base objective the attack ascends
 4. `weight_perturbation`  entered around the outer forward/backward/optimizer step; restores on exit
+                          (the base defense's AWP, when enabled, is entered first)
 5. `required_layers`      feature layers the shared forwards must tap (read once per step)
 6. `outer_loss`           terms added to the base loss
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,8 +43,18 @@ class Addon:
         return None
 
     @contextmanager
-    def weight_perturbation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Iterator[None]:
-        """Perturb weights for the outer step; restore after the optimizer step."""
+    def weight_perturbation(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_adv: torch.Tensor | None,
+        base_loss: Callable[[nn.Module], torch.Tensor],
+    ) -> Iterator[None]:
+        """Perturb weights for the outer step; restore after the optimizer step.
+
+        `base_loss(m)` is the base defense's outer loss evaluated with module `m` (e.g. an AWP proxy).
+        """
         yield
 
     def required_layers(self) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from robust_train.attacks.autoattack import AutoAttack
 from robust_train.attacks.base import Attack, Clean, Objective, attack_mode, ce_objective
 from robust_train.attacks.pgd import FGSM, PGD
 from robust_train.attacks.threat import ThreatModel
@@ -13,6 +14,7 @@ from robust_train.errors import ConfigError
 
 __all__ = [
     "Attack",
+    "AutoAttack",
     "Clean",
     "FGSM",
     "Objective",
@@ -36,7 +38,7 @@ def build_attack(node: Mapping[str, Any], threat: ThreatModel, key: str = "attac
     if node.get("eps") is not None or node.get("norm") is not None:
         threat = ThreatModel(
             norm=str(node.get("norm") or threat.norm),
-            eps=to_float(node.get("eps", threat.eps), f"{key}.eps"),
+            eps=threat.eps if node.get("eps") is None else to_float(node["eps"], f"{key}.eps"),
         )
     bn_mode = str(node.get("bn_mode") or "eval")
     random_start = str(node.get("random_start") or "uniform")
@@ -50,6 +52,28 @@ def build_attack(node: Mapping[str, Any], threat: ThreatModel, key: str = "attac
             restarts=int(node.get("restarts") or 1),
             random_start=random_start,
             bn_mode=bn_mode,
+            loss=str(node.get("loss") or "ce"),
+        )
+    if name == "cw":
+        attack = PGD(
+            threat,
+            steps=int(node.get("steps", 20)),
+            step_size=to_float(node["step"], f"{key}.step"),
+            restarts=int(node.get("restarts") or 1),
+            random_start=random_start,
+            bn_mode=bn_mode,
+            loss="cw",
+            kappa=to_float(node.get("kappa", 50.0), f"{key}.kappa"),
+        )
+        attack.name = "cw"
+        return attack
+    if name == "autoattack":
+        return AutoAttack(
+            threat,
+            version=str(node.get("version") or "standard"),
+            seed=int(node.get("seed") or 0),
+            batch_size=int(node.get("batch_size") or 500),
+            state_path=node.get("state_path"),
         )
     if name == "fgsm":
         step = node.get("step")

@@ -63,7 +63,11 @@ class Attack(ABC):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective | None = None
     ) -> torch.Tensor:
         with attack_mode(model, self.bn_mode):
-            return self.perturb(model, x, y, objective or ce_objective(y))
+            return self.perturb(model, x, y, objective or self.default_objective(y))
+
+    def default_objective(self, y: torch.Tensor) -> Objective:
+        """The loss ascended when the caller passes no objective (cross-entropy unless configured)."""
+        return ce_objective(y)
 
     @abstractmethod
     def perturb(

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from robust_train.attacks.base import Attack, Objective
+from robust_train.attacks.losses import objective_for
 from robust_train.attacks.threat import ThreatModel
 
 
@@ -27,8 +28,13 @@ class PGD(Attack):
         random_start: str = "uniform",
         bn_mode: str = "eval",
         generator: torch.Generator | None = None,
+        loss: str = "ce",
+        kappa: float = 50.0,
     ) -> None:
         super().__init__(bn_mode)
+        objective_for(loss, torch.zeros(1, dtype=torch.long))  # fail fast on an unknown loss name
+        self.loss = loss
+        self.kappa = kappa
         self.threat = threat
         self.steps = int(steps)
         self.step_size = float(step_size)
@@ -73,7 +79,7 @@ class PGD(Attack):
             "restarts": self.restarts,
             "random_start": self.random_start,
             "bn_mode": self.bn_mode,
-            "loss": "ce",
+            "loss": self.loss,
         }
 
 

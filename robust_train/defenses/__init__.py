@@ -6,14 +6,33 @@ from typing import Any
 
 from robust_train.attacks import ThreatModel
 from robust_train.config import DEFENSES
+from robust_train.defenses.awp import AWP, perturbed_parameter_names
 from robust_train.defenses.base import Defense, StepLoss
+from robust_train.defenses.mart import MART
 from robust_train.defenses.pgd_at import PGDAT
 from robust_train.defenses.standard import Standard
+from robust_train.defenses.trades import TRADES
 from robust_train.errors import ConfigError
 
-__all__ = ["DEFENSE_CLASSES", "Defense", "PGDAT", "Standard", "StepLoss", "build_defense"]
+__all__ = [
+    "AWP",
+    "DEFENSE_CLASSES",
+    "Defense",
+    "MART",
+    "PGDAT",
+    "Standard",
+    "StepLoss",
+    "TRADES",
+    "build_defense",
+    "perturbed_parameter_names",
+]
 
-DEFENSE_CLASSES: dict[str, type[Defense]] = {"standard": Standard, "pgd_at": PGDAT}
+DEFENSE_CLASSES: dict[str, type[Defense]] = {
+    "standard": Standard,
+    "pgd_at": PGDAT,
+    "trades": TRADES,
+    "mart": MART,
+}
 assert set(DEFENSE_CLASSES) == set(DEFENSES)
 
 

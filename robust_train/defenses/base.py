@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from robust_train.attacks import Attack, Objective, ThreatModel, build_attack, ce_objective
+from robust_train.defenses.awp import AWP
 from robust_train.training.forwards import StepForwards
 
 
@@ -41,6 +42,9 @@ class Defense(ABC):
         self.attack: Attack | None = (
             build_attack(attack_cfg, threat, key="defense.attack") if attack_cfg is not None else None
         )
+        # The optional weight-perturbation mechanism (AT-AWP, TRADES-AWP, MART-AWP).
+        self.awp: AWP | None = AWP.from_config(cfg.get("awp") if cfg is not None else None)
+        self.epoch = 0
 
     def inner_objective(self, x: torch.Tensor, y: torch.Tensor) -> Objective:
         """The per-example loss the training attack ascends; CE by default."""
@@ -58,5 +62,17 @@ class Defense(ABC):
     def outer_loss(self, out: StepForwards) -> StepLoss:
         """The loss minimized in this step."""
 
-    def on_epoch_start(self, epoch: int) -> None:  # noqa: B027 (optional hook)
-        """Epoch-dependent switches (e.g. warm-ups); nothing by default."""
+    def on_epoch_start(self, epoch: int) -> None:
+        """Epoch-dependent switches: the AWP warm-up."""
+        self.epoch = epoch
+        if self.awp is not None:
+            self.awp.on_epoch_start(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resumable state (the AWP schedule position)."""
+        return {"epoch": self.epoch, "awp": self.awp.state_dict() if self.awp is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state.get("epoch", 0))
+        if self.awp is not None and state.get("awp"):
+            self.awp.load_state_dict(state["awp"])

@@ -84,7 +84,9 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, group: str | None = None
             kind: {
                 "epoch": int(state.get("epoch", -1)),
                 "checkpoint": str(cfg.checkpoint),
-                "attacks": run_suite(model, attacks, x, y, int(full.eval.batch_size), True, kind),
+                "attacks": run_suite(
+                    model, attacks, x, y, int(full.eval.batch_size), True, kind, state_dir=out_dir
+                ),
             },
         }
         write_results(results, out_dir / "results.json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,21 +47,24 @@ def evaluate_accuracy(
     _sync(device)
     start = time.perf_counter()
     n = x_uint8.shape[0]
-    starts = range(0, n, batch_size)
+    # Attacks that batch internally (AutoAttack) get the whole set in one call.
+    step = n if getattr(attack, "whole_set", False) else batch_size
+    starts = range(0, n, max(step, 1))
     bar = tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch", dynamic_ncols=True)
     try:
         for i in bar:
-            x = to_float(x_uint8[i : i + batch_size])
-            yb = y[i : i + batch_size]
+            x = to_float(x_uint8[i : i + step])
+            yb = y[i : i + step]
             x_adv = attack(model, x, yb)
             with torch.no_grad():
-                correct += (model(x_adv).argmax(1) == yb).sum()
+                for j in range(0, x_adv.shape[0], batch_size):
+                    correct += (model(x_adv[j : j + batch_size]).argmax(1) == yb[j : j + batch_size]).sum()
     finally:
         model.train(was_training)
         bar.close()
     _sync(device)
     elapsed = time.perf_counter() - start
-    return {
+    result = {
         "accuracy": 100.0 * correct.item() / max(n, 1),
         "n": n,
         "time_s": round(elapsed, 3),
@@ -68,6 +72,10 @@ def evaluate_accuracy(
         "backward_passes": attack.backward_passes,
         "attack": attack.describe(),
     }
+    report = getattr(attack, "report", None)
+    if report:
+        result["details"] = report
+    return result
 
 
 def run_suite(
@@ -78,10 +86,18 @@ def run_suite(
     batch_size: int,
     progress: bool = True,
     label: str = "",
+    state_dir: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every attack of the suite on the same examples; results keyed by the suite's attack names."""
     results = {}
     for name, attack in attacks.items():
         desc = f"eval {label} {name}".strip()
+        own_state = state_dir is not None and hasattr(attack, "state_path") and attack.state_path is None
+        if own_state:
+            # Long evaluations (AutoAttack) resume from this file if the run is interrupted.
+            attack.state_path = Path(state_dir) / f".{label or 'eval'}_{name}.state.pt"
         results[name] = evaluate_accuracy(model, attack, x_uint8, y, batch_size, progress, desc)
+        if own_state:
+            attack.state_path.unlink(missing_ok=True)
+            attack.state_path = None
     return results

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +10,10 @@ import numpy as np
 import torch
 
 from robust_train.errors import CheckpointError
+from robust_train.io import atomic_write
 
 CHECKPOINT_FORMAT = "robust-train-checkpoint"
 CHECKPOINT_VERSION = 1
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` then rename over `path`, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from robust_train.tracking.checkpoint import atomic_write
+from robust_train.io import atomic_write
 
 RESULTS_FORMAT = "robust-train-results"
 RESULTS_VERSION = 1

@@ -21,12 +21,18 @@ from robust_train.tracking.wandb_run import Tracker, build_tracker
 from robust_train.training.trainer import Trainer
 
 
+def defense_label(cfg: DictConfig) -> str:
+    """The defense's name, with `_awp` when the weight perturbation is on (e.g. trades_awp)."""
+    awp = cfg.defense.get("awp")
+    return cfg.defense.name + ("_awp" if awp and awp.get("enabled") else "")
+
+
 def run_name(cfg: DictConfig) -> str:
-    return cfg.get("name") or f"{cfg.dataset.name}-{cfg.model.name}-{cfg.defense.name}-s{cfg.seed}"
+    return cfg.get("name") or f"{cfg.dataset.name}-{cfg.model.name}-{defense_label(cfg)}-s{cfg.seed}"
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
-    return [f"dataset:{cfg.dataset.name}", f"model:{cfg.model.name}", f"defense:{cfg.defense.name}"]
+    return [f"dataset:{cfg.dataset.name}", f"model:{cfg.model.name}", f"defense:{defense_label(cfg)}"]
 
 
 def _check_resume_compatible(state: dict[str, Any], cfg: DictConfig, path: Path) -> None:
@@ -73,7 +79,9 @@ def evaluate_checkpoints(
         out[kind] = {
             "epoch": epoch,
             "checkpoint": str(path),
-            "attacks": run_suite(trainer.model, attacks, x, y, int(ev.batch_size), progress, kind),
+            "attacks": run_suite(
+                trainer.model, attacks, x, y, int(ev.batch_size), progress, kind, state_dir=trainer.run_dir
+            ),
         }
         evaluated[epoch] = kind
     # Leave the model as the run ended.

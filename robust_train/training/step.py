@@ -62,9 +62,15 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         x_adv = self.craft(x, y)
         self.model.train()
+
+        def base_loss(module: nn.Module) -> torch.Tensor:
+            return self.defense.outer_loss(StepForwards(module, x, y, x_adv, self.layers)).loss
+
         with ExitStack() as stack:
+            if self.defense.awp is not None:
+                stack.enter_context(self.defense.awp.weight_perturbation(self.model, base_loss))
             for addon in self.addons:
-                stack.enter_context(addon.weight_perturbation(self.model, x, y))
+                stack.enter_context(addon.weight_perturbation(self.model, x, y, x_adv, base_loss))
             out = StepForwards(self.model, x, y, x_adv, self.layers)
             result = self.defense.outer_loss(out)
             loss = result.loss

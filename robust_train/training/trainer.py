@@ -90,6 +90,7 @@ class Trainer:
             "rng": rng_state(),
             "best": dict(self.best),
             "history": list(self.history),
+            "defense": self.defense.state_dict(),
             "addons": {a.name: a.state_dict() for a in self.addons},
             "wandb_run_id": self.tracker.run_id,
         }
@@ -102,6 +103,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.best = dict(state["best"])
         self.history = list(state["history"])
+        self.defense.load_state_dict(state.get("defense") or {})
         for addon in self.addons:
             addon.load_state_dict(state.get("addons", {}).get(addon.name, {}))
 

@@ -43,7 +43,7 @@ def test_train_writes_checkpoints_and_results(trained_run: Path) -> None:
     assert res["versions"]["torch"] and res["train"]["epochs_completed"] == 1
     for kind in ("best", "last"):
         attacks = res["eval"][kind]["attacks"]
-        assert set(attacks) == {"clean", "pgd20"}
+        assert set(attacks) == {"clean", "pgd20", "cw20", "autoattack_lite"}
         for a in attacks.values():
             assert 0.0 <= a["accuracy"] <= 100.0 and a["n"] == 64 and a["time_s"] >= 0
         assert attacks["pgd20"]["accuracy"] <= attacks["clean"]["accuracy"]
@@ -194,7 +194,7 @@ def test_same_seed_same_run_and_other_seed_differs(compose, tmp_path: Path) -> N
 def test_standard_defense_runs(compose, tmp_path: Path) -> None:
     res = train_run(_cfg(compose, tmp_path, "defense=standard"), tmp_path / "std")
     assert res["config"]["defense"]["attack"] is None
-    assert set(res["eval"]["last"]["attacks"]) == {"clean", "pgd20"}
+    assert set(res["eval"]["last"]["attacks"]) == {"clean", "pgd20", "cw20", "autoattack_lite"}
 
 
 def test_multirun_jobs_get_own_dirs_and_share_the_sweep_group(tmp_path: Path) -> None:

@@ -96,9 +96,9 @@ class _CountingAddon(Addon):
         self.log.append("inner_objective")
         return torch.zeros(x_adv.shape[0])
 
-    def weight_perturbation(self, model, x, y):
+    def weight_perturbation(self, model, x, y, x_adv, base_loss):
         self.log.append("weight_perturbation")
-        return super().weight_perturbation(model, x, y)
+        return super().weight_perturbation(model, x, y, x_adv, base_loss)
 
     def outer_loss(self, out: StepForwards):
         self.log.append("outer_loss")

@@ -1,0 +1,79 @@
+"""conf/dataset/*.yaml: every file has the agreed keys and builds through build_dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from robust_train.data import DATASET_NAMES, build_dataset
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
+REAL = ("cifar10", "cifar100", "svhn", "tiny_imagenet")
+COMMON = (
+    "name", "val_size", "train_limit", "val_limit", "test_limit", "num_classes", "image_shape", "mean", "std",
+    "crop_pad", "flip", "padding_mode", "threat",
+)  # fmt: skip
+
+
+def _load(name: str):
+    return OmegaConf.load(CONF / f"{name}.yaml")
+
+
+def test_one_file_per_dataset():
+    assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted(DATASET_NAMES)
+
+
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_keys(name, monkeypatch):
+    monkeypatch.setenv("ROBUST_TRAIN_DATA", "/datasets")
+    cfg = _load(name)
+    assert cfg.name == name
+    for key in COMMON:
+        assert key in cfg, key
+    assert cfg.train_limit is None and cfg.test_limit is None and cfg.crop_pad == 4
+    assert cfg.padding_mode == "zero" and cfg.threat.norm == "linf"
+    assert len(cfg.mean) == len(cfg.std) == cfg.image_shape[0]
+    if name in REAL:
+        assert cfg.download is True and cfg.check_integrity is True and cfg.root == "/datasets"
+        assert (cfg.threat.eps, cfg.threat.step) == ("8/255", "2/255")
+        assert list(cfg.image_shape) == ([3, 64, 64] if name == "tiny_imagenet" else [3, 32, 32])
+    assert cfg.flip is (name not in ("svhn", "mnist5k"))
+
+
+def test_root_falls_back_to_data(monkeypatch):
+    monkeypatch.delenv("ROBUST_TRAIN_DATA", raising=False)
+    assert _load("cifar10").root == "data"
+
+
+def test_mnist5k_config_builds():
+    cfg = _load("mnist5k")
+    assert (cfg.threat.eps, cfg.threat.step) == (0.1, 0.025)
+    b = build_dataset(cfg, seed=0)
+    assert (len(b.train_y), len(b.val_y), len(b.test_y)) == (3500, 500, 1000)
+    assert list(b.mean) == list(cfg.mean) and b.num_classes == cfg.num_classes
+
+
+def test_synthetic_config_builds():
+    cfg = _load("synthetic")
+    assert (cfg.train_size, cfg.test_size, cfg.val_size, cfg.num_classes) == (50000, 10000, 1000, 10)
+    cfg.train_size, cfg.test_size, cfg.val_size = 64, 8, 8
+    b = build_dataset(cfg, seed=0)
+    assert b.image_shape == (3, 32, 32) and (len(b.train_y), len(b.val_y)) == (56, 8)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_configs_build_from_tiny_files(name, tmp_path, fmt):
+    {
+        "cifar10": lambda: fmt.write_cifar10(tmp_path),
+        "cifar100": lambda: fmt.write_cifar100(tmp_path),
+        "svhn": lambda: fmt.write_svhn(tmp_path / "svhn"),
+        "tiny_imagenet": lambda: fmt.write_tiny_imagenet(tmp_path),
+    }[name]()
+    cfg = _load(name)
+    cfg.root, cfg.check_integrity, cfg.download, cfg.val_size = str(tmp_path), False, False, 2
+    if name == "tiny_imagenet":
+        cfg.num_classes = 3  # the tiny copy has 3 wnids
+    b = build_dataset(cfg, seed=0)
+    assert list(b.image_shape) == list(cfg.image_shape) and len(b.val_y) == 2
