@@ -238,6 +238,10 @@ def validate_train_config(cfg: Any) -> None:
     c.number(val, "batch_size", "trainer.validation", lo=1, integer=True)
     _check_eval(c, cfg.eval)
     _check_logger(c, cfg.logger)
+    if not c.problems:
+        from robust_train.addons import check_addons
+
+        c.problems.extend(check_addons(cfg))
     c.raise_if_any()
 
 

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from robust_train.attacks import Attack, Objective, ThreatModel, build_attack, ce_objective
+from robust_train.attacks import Attack, Objective, ThreatModel, build_attack
 from robust_train.defenses.awp import AWP
-from robust_train.training.forwards import StepForwards
+from robust_train.training.forwards import CleanReference, StepForwards
 
 
 @dataclass
@@ -26,6 +27,9 @@ class StepLoss:
     loss: torch.Tensor
     logits: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The supervised label-fitting part of `loss` (loss = label_term + the base's regularizer), for
+    # add-ons that rescale it (RWT's (1 - eta) factor, LAD's recombination).
+    label_term: torch.Tensor | None = None
 
 
 class Defense(ABC):
@@ -46,9 +50,23 @@ class Defense(ABC):
         self.awp: AWP | None = AWP.from_config(cfg.get("awp") if cfg is not None else None)
         self.epoch = 0
 
+    def inner_loss(
+        self, logits_adv: torch.Tensor, y: torch.Tensor, clean: CleanReference, model: nn.Module
+    ) -> torch.Tensor:
+        """The per-example loss the training attack ascends, from the logits of x_adv; CE by default.
+
+        `clean` gives the clean batch's logits (no gradient, attack mode) for losses that need them.
+        """
+        return F.cross_entropy(logits_adv, y, reduction="none")
+
     def inner_objective(self, x: torch.Tensor, y: torch.Tensor) -> Objective:
-        """The per-example loss the training attack ascends; CE by default."""
-        return ce_objective(y)
+        """`inner_loss` as an attack objective `(model, x_adv) -> (B,)` (for using the defense alone)."""
+        clean = CleanReference(x)
+
+        def objective(model: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
+            return self.inner_loss(model(x_adv), y, clean, model)
+
+        return objective
 
     def craft(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective

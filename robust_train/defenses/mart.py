@@ -23,4 +23,6 @@ class MART(Defense):
     def outer_loss(self, out: StepForwards) -> StepLoss:
         clean, adv = out.logits("clean"), out.logits("adv")
         loss, bce, kl = mart_loss(clean, adv, out.y, self.beta)
-        return StepLoss(loss=loss, logits=adv, terms={"bce": bce.detach(), "kl_weighted": kl.detach()})
+        return StepLoss(
+            loss=loss, logits=adv, terms={"bce": bce.detach(), "kl_weighted": kl.detach()}, label_term=bce
+        )

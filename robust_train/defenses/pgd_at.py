@@ -19,4 +19,4 @@ class PGDAT(Defense):
     def outer_loss(self, out: StepForwards) -> StepLoss:
         logits = out.logits("adv")
         ce = F.cross_entropy(logits, out.y)
-        return StepLoss(loss=ce, logits=logits, terms={"ce_adv": ce.detach()})
+        return StepLoss(loss=ce, logits=logits, terms={"ce_adv": ce.detach()}, label_term=ce)

@@ -15,4 +15,4 @@ class Standard(Defense):
     def outer_loss(self, out: StepForwards) -> StepLoss:
         logits = out.logits("clean")
         ce = F.cross_entropy(logits, out.y)
-        return StepLoss(loss=ce, logits=logits, terms={"ce": ce.detach()})
+        return StepLoss(loss=ce, logits=logits, terms={"ce": ce.detach()}, label_term=ce)

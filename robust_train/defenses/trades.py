@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robust_train.attacks import Objective
 from robust_train.config import to_float
 from robust_train.defenses.base import Defense, StepLoss
 from robust_train.defenses.losses import kl_clean_adv, trades_loss
-from robust_train.training.forwards import StepForwards
+from robust_train.training.forwards import CleanReference, StepForwards
 
 
 class TRADES(Defense):
@@ -25,19 +24,15 @@ class TRADES(Defense):
         super().__init__(cfg, threat)
         self.beta = to_float(cfg.get("beta", 6.0), "defense.beta")
 
-    def inner_objective(self, x: torch.Tensor, y: torch.Tensor) -> Objective:
-        target: dict[str, torch.Tensor] = {}
-
-        def objective(model: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
-            if "logits" not in target:
-                # First call happens inside the attack, so the target uses the attack's BN mode.
-                with torch.no_grad():
-                    target["logits"] = model(x)
-            return kl_clean_adv(model(x_adv), target["logits"])
-
-        return objective
+    def inner_loss(
+        self, logits_adv: torch.Tensor, y: torch.Tensor, clean: CleanReference, model: nn.Module
+    ) -> torch.Tensor:
+        # The clean target comes from the attack's own mode (BN eval), computed once per batch.
+        return kl_clean_adv(logits_adv, clean.logits(model))
 
     def outer_loss(self, out: StepForwards) -> StepLoss:
         clean, adv = out.logits("clean"), out.logits("adv")
         loss, ce, kl = trades_loss(clean, adv, out.y, self.beta)
-        return StepLoss(loss=loss, logits=adv, terms={"ce_clean": ce.detach(), "kl": kl.detach()})
+        return StepLoss(
+            loss=loss, logits=adv, terms={"ce_clean": ce.detach(), "kl": kl.detach()}, label_term=ce
+        )

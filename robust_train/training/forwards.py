@@ -7,7 +7,8 @@ term will need are declared up front; the first request of a branch then capture
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, ExitStack
 
 import torch
 from torch import nn
@@ -25,8 +26,11 @@ class StepForwards:
         y: torch.Tensor,
         x_adv: torch.Tensor | None,
         layers: Iterable[str] = (),
+        forward_contexts: Iterable[Callable[[nn.Module, str, torch.Tensor], AbstractContextManager]] = (),
     ) -> None:
         self.model = model
+        # Entered around every forward of this step (add-ons that change how a forward runs, e.g. LAD).
+        self.forward_contexts = list(forward_contexts)
         self.x = x
         self.y = y
         self.x_adv = x_adv
@@ -44,10 +48,13 @@ class StepForwards:
             inp = self.x_adv
         else:
             inp = self.x
-        if self.layers:
-            logits, feats = forward_with_features(self.model, inp, self.layers)
-        else:
-            logits, feats = self.model(inp), {}
+        with ExitStack() as stack:
+            for make in self.forward_contexts:
+                stack.enter_context(make(self.model, branch, inp))
+            if self.layers:
+                logits, feats = forward_with_features(self.model, inp, self.layers)
+            else:
+                logits, feats = self.model(inp), {}
         self.forward_passes += 1
         self._logits[branch] = logits
         self._features[branch] = feats
@@ -61,3 +68,36 @@ class StepForwards:
         """Tapped features (the declared layers) of the 'clean' or 'adv' forward."""
         self._run(branch)
         return self._features[branch]
+
+
+class CleanReference:
+    """The clean batch's logits and tapped features for the attack stage, computed once without gradient.
+
+    Computed lazily at the first request, which happens inside the attack (so in the attack's BN mode);
+    shared by the base defense's inner loss (TRADES' target) and every add-on's inner term.
+    """
+
+    def __init__(self, x: torch.Tensor, layers: Iterable[str] = ()) -> None:
+        self.x = x
+        self.layers = list(dict.fromkeys(layers))
+        self._logits: torch.Tensor | None = None
+        self._features: dict[str, torch.Tensor] = {}
+
+    def _run(self, model: nn.Module) -> None:
+        if self._logits is None:
+            with torch.no_grad():
+                if self.layers:
+                    self._logits, self._features = forward_with_features(
+                        model, self.x, self.layers, detach=True
+                    )
+                else:
+                    self._logits = model(self.x)
+
+    def logits(self, model: nn.Module) -> torch.Tensor:
+        self._run(model)
+        assert self._logits is not None
+        return self._logits
+
+    def features(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        self._run(model)
+        return self._features

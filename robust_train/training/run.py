@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from robust_train.addons import build_addons, selected
 from robust_train.attacks import ThreatModel
 from robust_train.builders import model_from_config, optimizer_from_config, threat_from_config
 from robust_train.config import resolve_device, validate_train_config
@@ -28,11 +29,13 @@ def defense_label(cfg: DictConfig) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    return cfg.get("name") or f"{cfg.dataset.name}-{cfg.model.name}-{defense_label(cfg)}-s{cfg.seed}"
+    addons = "".join(f"+{name}" for name, _ in selected(cfg))
+    return cfg.get("name") or f"{cfg.dataset.name}-{cfg.model.name}-{defense_label(cfg)}{addons}-s{cfg.seed}"
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
-    return [f"dataset:{cfg.dataset.name}", f"model:{cfg.model.name}", f"defense:{defense_label(cfg)}"]
+    tags = [f"dataset:{cfg.dataset.name}", f"model:{cfg.model.name}", f"defense:{defense_label(cfg)}"]
+    return tags + [f"addon:{name}" for name, _ in selected(cfg)]
 
 
 def _check_resume_compatible(state: dict[str, Any], cfg: DictConfig, path: Path) -> None:
@@ -76,11 +79,14 @@ def evaluate_checkpoints(
             out[kind] = {**out[evaluated[epoch]], "checkpoint": str(path), "same_as": evaluated[epoch]}
             continue
         trainer.model.load_state_dict(state["model"])
+        model = trainer.model
+        for addon in trainer.addons:
+            model = addon.wrap_for_eval(model)
         out[kind] = {
             "epoch": epoch,
             "checkpoint": str(path),
             "attacks": run_suite(
-                trainer.model, attacks, x, y, int(ev.batch_size), progress, kind, state_dir=trainer.run_dir
+                model, attacks, x, y, int(ev.batch_size), progress, kind, state_dir=trainer.run_dir
             ),
         }
         evaluated[epoch] = kind
@@ -119,6 +125,10 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
     model = model_from_config(cfg.model, data).to(device)
     threat = threat_from_config(cfg.threat)
     defense = build_defense(cfg.defense, threat)
+    addons = build_addons(
+        cfg,
+        {"model": model, "defense": defense, "threat": threat, "num_classes": data.num_classes, "seed": seed},
+    )
     optimizer = optimizer_from_config(cfg.trainer.optimizer, model, device)
     if resume_state is not None:
         check_state_dict_compatible(model, resume_state["model"], str(last))
@@ -152,7 +162,7 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
         write_results(results, results_path)
 
     trainer = Trainer(
-        cfg, run_dir, data, model, defense, optimizer, threat,
+        cfg, run_dir, data, model, defense, optimizer, threat, addons=addons,
         tracker=tracker, checkpoint_extra=meta, on_epoch_end=record_epoch,
     )  # fmt: skip
     print(f"run dir: {run_dir}\ndata: {data.summary()}\ndevice: {device}", flush=True)

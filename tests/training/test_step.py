@@ -86,22 +86,28 @@ class _CountingAddon(Addon):
     name = "counter"
 
     def __init__(self, log: list[str]) -> None:
-        self.log = log
+        self.log = log  # no config or context needed for this probe
 
     def attack_context(self, model, x, y):
         self.log.append("attack_context")
         return super().attack_context(model, x, y)
 
-    def inner_objective(self, model, x_adv, y):
+    def inner_objective(self, x_adv, y, logits_adv, feats_adv, clean, model, base_term):
         self.log.append("inner_objective")
+        assert logits_adv.shape == (x_adv.shape[0], 10) and base_term.shape == (x_adv.shape[0],)
         return torch.zeros(x_adv.shape[0])
 
     def weight_perturbation(self, model, x, y, x_adv, base_loss):
         self.log.append("weight_perturbation")
         return super().weight_perturbation(model, x, y, x_adv, base_loss)
 
-    def outer_loss(self, out: StepForwards):
+    def forward_context(self, model, branch, x_in):
+        self.log.append(f"forward:{branch}")
+        return super().forward_context(model, branch, x_in)
+
+    def outer_loss(self, out: StepForwards, base):
         self.log.append("outer_loss")
+        assert base.label_term is not None
         return {"zero": 0.0 * out.logits("adv").sum()}
 
 
@@ -113,7 +119,8 @@ def test_addon_hooks_run_in_order_and_a_zero_addon_is_the_base_step(tiny_model, 
     m1 = TrainStep(tiny_model, _defense("pgd_at"), _sgd(tiny_model), [_CountingAddon(log)])(x, y)
     torch.manual_seed(0)
     m2 = TrainStep(ref, _defense("pgd_at"), _sgd(ref))(x, y)
-    assert log[0] == "attack_context" and log[-2:] == ["weight_perturbation", "outer_loss"]
+    assert log[0] == "attack_context"
+    assert log[-3:] == ["weight_perturbation", "forward:adv", "outer_loss"]
     assert log.count("inner_objective") == STEPS
     torch.testing.assert_close(m1["loss"], m2["loss"])
     for pa, pb in zip(tiny_model.parameters(), ref.parameters()):
