@@ -61,9 +61,8 @@ def check_addons(run_cfg: Any) -> list[str]:
             problems.append(str(err))
             continue
         if defense not in cls.supported_defenses:
-            problems.append(
-                f"addons=[{name}] does not compose with defense={defense}; supported: {', '.join(cls.supported_defenses)}"
-            )
+            allowed = ", ".join(cls.supported_defenses)
+            problems.append(f"addons=[{name}] does not compose with defense={defense}; supported: {allowed}")
         if awp_on and not cls.supports_awp:
             problems.append(
                 f"addons=[{name}] cannot run with defense.awp.enabled=true (two weight perturbations)"
