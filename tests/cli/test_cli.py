@@ -208,3 +208,18 @@ def test_multirun_jobs_get_own_dirs_and_share_the_sweep_group(tmp_path: Path) ->
     assert [r["config"]["defense"]["name"] for r in results] == ["pgd_at", "standard"]
     assert all(r["wandb"]["group"] == "sweep-xyz" for r in results)
     assert results[0]["wandb"]["run_id"] != results[1]["wandb"]["run_id"]
+
+
+@pytest.mark.parametrize("defense", ["trades", "mart", "awp", "trades_awp", "mart_awp"])
+def test_every_defense_trains_and_evaluates_the_default_suite(compose, tmp_path: Path, defense: str) -> None:
+    cfg = compose(
+        [*FAST, f"defense={defense}", "dataset.train_limit=64", "trainer.batch_size=32", "eval=default",
+         "eval.n_examples=16", "eval.checkpoints=[last]", "defense.awp.warmup_epochs=0"]
+    )  # fmt: skip
+    res = train_run(cfg, tmp_path / defense)
+    attacks = res["eval"]["last"]["attacks"]
+    assert set(attacks) == {"clean", "pgd20", "cw20", "autoattack_lite"}
+    for a in attacks.values():
+        assert a["n"] == 16 and 0 <= a["accuracy"] <= attacks["clean"]["accuracy"] + 1e-9
+    assert attacks["autoattack_lite"]["details"]["attacks"] == ["apgd-ce", "apgd-t"]
+    assert res["config"]["defense"]["awp"]["enabled"] == ("awp" in defense)
