@@ -76,5 +76,8 @@ def check_addons(run_cfg: Any) -> list[str]:
 
 def build_addons(run_cfg: Any, ctx_kwargs: dict[str, Any]) -> list[Addon]:
     """Instantiate the selected add-ons in config order."""
+    chosen = selected(run_cfg)
+    if not chosen:
+        return []
     ctx = AddonContext(cfg=run_cfg, **ctx_kwargs)
-    return [addon_class(name)(cfg, ctx) for name, cfg in selected(run_cfg)]
+    return [addon_class(name)(cfg, ctx) for name, cfg in chosen]

@@ -16,7 +16,8 @@ in the config (`addons=[sat,lad]`: SAT's hook, then LAD's):
                           (its `label_term` lets an add-on rescale the supervised part)
 
 `required_layers` are tapped once per forward and shared by every term. `wrap_for_eval` lets an
-add-on change how the trained model predicts at evaluation time (default: unchanged).
+add-on change how the trained model predicts at evaluation time (default: unchanged), and
+`epoch_metrics` adds diagnostics to each epoch's record.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ class Addon:
 
     def outer_loss(self, out: StepForwards, base: StepLoss) -> dict[str, torch.Tensor]:
         """Named loss terms added to the base loss (each a scalar with gradient)."""
+        return {}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Diagnostics logged with each epoch's record (read once per epoch, never inside a step)."""
         return {}
 
     def wrap_for_eval(self, model: nn.Module) -> nn.Module:

@@ -7,9 +7,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from robust_train.addons import build_addons
 from robust_train.builders import model_from_config, threat_from_config
 from robust_train.config import resolve_device, validate_eval_config, validate_train_config
 from robust_train.data import build_dataset
+from robust_train.defenses import build_defense
 from robust_train.errors import ConfigError
 from robust_train.evaluation.suite import build_suite, run_suite
 from robust_train.models import check_state_dict_compatible
@@ -57,6 +59,16 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, group: str | None = None
     check_state_dict_compatible(model, state["model"], str(cfg.checkpoint))
     model.load_state_dict(state["model"])
     threat = threat_from_config(full.threat)
+    # Add-ons that change how the trained model predicts (e.g. LAD's noisy ensemble) apply here too.
+    addons = build_addons(
+        full,
+        {"model": model, "defense": build_defense(full.defense, threat), "threat": threat,
+         "num_classes": data.num_classes, "seed": seed},
+    )  # fmt: skip
+    for addon, addon_state in ((a, (state.get("addons") or {}).get(a.name)) for a in addons):
+        if addon_state:
+            addon.load_state_dict(addon_state)
+        model = addon.wrap_for_eval(model)
     attacks = build_suite(full.eval, threat)
     n = full.eval.get("n_examples")
     x, y = data.test_x, data.test_y

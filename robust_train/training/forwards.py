@@ -85,6 +85,14 @@ class CleanReference:
 
     def _run(self, model: nn.Module) -> None:
         if self._logits is None:
+            # A reference forward must not move BatchNorm running statistics (it would when the attack
+            # runs BN in train mode): snapshot and restore them.
+            saved = [
+                (buf, buf.clone())
+                for m in model.modules()
+                if m.training
+                for _, buf in m.named_buffers(recurse=False)
+            ]
             with torch.no_grad():
                 if self.layers:
                     self._logits, self._features = forward_with_features(
@@ -92,6 +100,10 @@ class CleanReference:
                     )
                 else:
                     self._logits = model(self.x)
+                for buf, copy in saved:
+                    # Through .data, like BatchNorm's own running-stat update: no autograd version bump,
+                    # so graphs of earlier forwards that saved these buffers stay valid.
+                    buf.data.copy_(copy)
 
     def logits(self, model: nn.Module) -> torch.Tensor:
         self._run(model)

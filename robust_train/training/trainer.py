@@ -120,6 +120,10 @@ class Trainer:
             for addon in self.addons:
                 addon.on_epoch_start(epoch)
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            for addon in self.addons:
+                record.update(
+                    {f"train/{k}" if "/" not in k else k: v for k, v in addon.epoch_metrics().items()}
+                )
             if (epoch + 1) % int(self.tcfg.validation.every) == 0 or epoch + 1 == self.epochs:
                 record.update(self.validate())
             self.epoch = epoch + 1
@@ -140,7 +144,10 @@ class Trainer:
         return self.history
 
     def _batches(self, n: int) -> list[torch.Tensor]:
-        idx = batch_indices(n, int(self.tcfg.batch_size), shuffle=True, generator=self.generator)
+        drop_last = bool(self.tcfg.get("drop_last", False))
+        idx = batch_indices(
+            n, int(self.tcfg.batch_size), shuffle=True, generator=self.generator, drop_last=drop_last
+        )
         limit = self.tcfg.get("max_batches")
         return idx[: int(limit)] if limit else idx
 
@@ -151,6 +158,7 @@ class Trainer:
         log_every = int(self.tcfg.log_every)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
+        term_sums: dict[str, torch.Tensor] = {}
         seen = 0
         bar = tqdm(
             total=n_batches,
@@ -177,6 +185,10 @@ class Trainer:
             metrics = self.step(x, y)
             loss_sum += metrics["loss"] * y.shape[0]
             correct += metrics["correct"]
+            for key, value in metrics.items():
+                if key not in ("loss", "correct"):
+                    # Loss terms (base and add-on) accumulate on the device; read once per epoch.
+                    term_sums[key] = term_sums.get(key, 0.0) + value.float() * y.shape[0]
             seen += y.shape[0]
             if (i + 1) % log_every == 0 or i + 1 == n_batches:
                 # The only host sync of the loop: once per logging interval.
@@ -193,7 +205,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
+        terms = {f"train/{key}": float(total) / max(seen, 1) for key, total in term_sums.items()}
         return {
+            **terms,
             "train/loss": loss_sum.item() / max(seen, 1),
             "train/acc": 100.0 * correct.item() / max(seen, 1),
             "train/img_per_s": seen / max(elapsed, 1e-9),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from robust_train.addons import build_addons
 from robust_train.builders import model_from_config, optimizer_from_config, threat_from_config
 from robust_train.config import validate_train_config
 from robust_train.data import augment_batch, build_dataset
@@ -35,9 +36,18 @@ def test_preset_composes_and_runs_one_step(compose, name: str) -> None:
     torch.manual_seed(0)
     data = build_dataset(cfg.dataset, 0)
     model = model_from_config(cfg.model, data)
-    defense = build_defense(cfg.defense, threat_from_config(cfg.threat))
-    defense.on_epoch_start(int(cfg.defense.get("awp", {}).get("warmup_epochs", 0) or 0))
-    step = TrainStep(model, defense, optimizer_from_config(cfg.trainer.optimizer, model, torch.device("cpu")))
+    threat = threat_from_config(cfg.threat)
+    defense = build_defense(cfg.defense, threat)
+    addons = build_addons(
+        cfg, {"model": model, "defense": defense, "threat": threat, "num_classes": 10, "seed": 0}
+    )
+    # An epoch where every warm-up is over and every scheduled strength is on.
+    epoch = int(cfg.trainer.epochs) - 1
+    defense.on_epoch_start(epoch)
+    for addon in addons:
+        addon.on_epoch_start(epoch)
+    opt = optimizer_from_config(cfg.trainer.optimizer, model, torch.device("cpu"))
+    step = TrainStep(model, defense, opt, addons)
     x = augment_batch(data.train_x[:8], pad=int(cfg.dataset.crop_pad), padding_mode=cfg.dataset.padding_mode)
     before = [p.detach().clone() for p in model.parameters()]
     metrics = step(x, data.train_y[:8])

@@ -1,0 +1,307 @@
+"""SAT: Sufficient Adversarial Training (ICCV 2023), spec `specs/sat.md`.
+
+Two contributions to the host defense's step:
+
+* inner maximization (spec b.2): the attack ascends the host's inner loss minus Λ times the feature shift
+  at the tapped layers, ||f^l(x + r) - f^l(x)||, with Λ ~ U(0, λ) redrawn at every attack step (default);
+* outer minimization (spec b.3): beta * L_clu, the within-class spread of the tapped features of the
+  adversarial batch around in-batch class centroids.
+
+Both read the layers declared by `required_layers` from the step's shared forwards (the attack's forward
+per step, the clean reference and the outer forwards), so SAT adds no forward or backward pass to the host
+step, except the clean reference's one no-grad forward for hosts that do not already need it (PGD-AT, MART;
+the spec's pseudocode b.4 makes the same clean forward). The attack itself is the host's (steps, step size,
+start, restarts and BN mode are the host's `defense.attack.*` keys). AWP composes as in spec b.5: the host's
+AWP is entered before SAT's outer loss, and its ascent sees the host loss only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_train.addons.base import Addon, AddonContext
+from robust_train.config import to_float
+from robust_train.errors import ConfigError
+from robust_train.models.features import resolve_layer
+from robust_train.training.forwards import CleanReference, StepForwards
+
+if TYPE_CHECKING:
+    from robust_train.defenses.base import StepLoss
+
+LAM_SAMPLINGS = ("per_step_batch", "per_batch_fixed", "per_sample_fixed")
+SHIFT_REDUCTIONS = ("batch_frobenius", "per_sample")
+CLUSTER_FORMS = ("code", "paper", "l2dist")
+CLUSTER_INPUTS = ("adv", "clean", "both")
+KEYS = (
+    "enabled",
+    "layers",
+    "lam",
+    "lam_sampling",
+    "shift_reduction",
+    "beta",
+    "cluster_form",
+    "cluster_inputs",
+    "min_class_count",
+    "awp_include_cluster",
+)
+
+# Inside square roots: finite gradients at zero shift / zero variance (spec b.3, h.5).
+ROOT_EPS = 1e-12
+# SAT's Λ generator is seeded from the run seed plus this offset, so switching SAT on does not shift the
+# global stream (data order, attack starts, weight init).
+SEED_OFFSET = 0x5A7
+
+
+def _root(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(x + eps) - sqrt(eps): finite gradient at 0 and exactly 0 there (a constant shift of the loss)."""
+    return torch.sqrt(x + ROOT_EPS) - math.sqrt(ROOT_EPS)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Flattened per-sample features; half precision widened to float32 (norms of thousands of dims)."""
+    t = t.flatten(1)
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def feature_shift(
+    feats: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], reduction: str = "batch_frobenius"
+) -> torch.Tensor:
+    """Feature shift averaged over taps: one Frobenius norm per tap (scalar) or per-sample L2 norms (B,)."""
+    if reduction not in SHIFT_REDUCTIONS:
+        raise ConfigError(f"shift_reduction={reduction!r} is not allowed; choose one of: {SHIFT_REDUCTIONS}")
+    total: torch.Tensor | None = None
+    for f, r in zip(feats, refs, strict=True):
+        d = _wide(f) - _wide(r)
+        sq = (d * d).sum() if reduction == "batch_frobenius" else (d * d).sum(dim=1)
+        term = _root(sq)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("feature_shift needs at least one tapped layer")
+    return total / len(feats)
+
+
+def cluster_loss(
+    feats: Sequence[torch.Tensor],
+    y: torch.Tensor,
+    num_classes: int,
+    form: str = "code",
+    min_class_count: int = 2,
+) -> torch.Tensor:
+    """L_clu (spec b.3) averaged over taps, from in-batch class centroids; small classes are skipped.
+
+    code:   sum_c n_c * ||unbiased per-dim variance of class c||_2 / (samples in counted classes)
+    paper:  mean over counted classes of sum_k std_k (biased variance)
+    l2dist: mean over counted classes of the mean L2 distance to the class centroid
+    Vectorized over classes with a one-hot matrix: no host synchronization, no data-dependent shapes.
+    """
+    if form not in CLUSTER_FORMS:
+        raise ConfigError(f"cluster_form={form!r} is not allowed; choose one of: {', '.join(CLUSTER_FORMS)}")
+    total: torch.Tensor | None = None
+    with torch.autocast(device_type=y.device.type, enabled=False):
+        for raw in feats:
+            f = _wide(raw)
+            onehot = F.one_hot(y, num_classes).to(f.dtype)  # (B, C)
+            counts = onehot.sum(0)  # (C,)
+            counted = (counts >= min_class_count).to(f.dtype)
+            # Centroids are not detached: the gradient flows through the batch statistics (spec b.3).
+            centroids = (onehot.t() @ f) / counts.clamp(min=1).unsqueeze(1)
+            diff = f - centroids[y]
+            if form == "l2dist":
+                dist = _root((diff * diff).sum(dim=1))  # (B,)
+                per_class = (onehot.t() @ dist) / counts.clamp(min=1)
+                term = (counted * per_class).sum() / counted.sum().clamp(min=1)
+            else:
+                sq = onehot.t() @ (diff * diff)  # (C, d): per-class sums of squared deviations
+                if form == "code":
+                    var = sq / (counts - 1).clamp(min=1).unsqueeze(1)
+                    norms = _root((var * var).sum(dim=1))
+                    weight = counted * counts
+                    term = (weight * norms).sum() / weight.sum().clamp(min=1)
+                else:
+                    var = sq / counts.clamp(min=1).unsqueeze(1)
+                    stds = _root(var).sum(dim=1)
+                    term = (counted * stds).sum() / counted.sum().clamp(min=1)
+            total = term if total is None else total + term
+    if total is None:
+        raise ValueError("cluster_loss needs at least one tapped layer")
+    return total / len(feats)
+
+
+def default_taps(model: nn.Module) -> list[str]:
+    """`layers: auto`: the last two residual blocks of the model's last stage (spec b.1)."""
+    base = getattr(model, "_orig_mod", model)
+    stages = list(getattr(base, "feature_layers", []))
+    blocks = list(getattr(base, "block_layers", []))
+    if not stages or not blocks:
+        raise ConfigError(
+            f"addons.sat.layers=auto needs a model that declares its stages and blocks; model "
+            f"{type(base).__name__!r} does not, so list the layers explicitly (addons.sat.layers=[...])"
+        )
+    last = [b for b in blocks if b.startswith(stages[-1] + ".")] or blocks
+    return last[-2:]
+
+
+class SAT(Addon):
+    """Generalized inner maximization (host loss - Λ·feature shift) plus beta·L_clu in the outer loss."""
+
+    name = "sat"
+    # A clean-only defense has no inner maximization and no adversarial features to cluster.
+    supported_defenses = ("pgd_at", "trades", "mart")
+    supports_awp = True
+
+    def __init__(self, cfg: Any, ctx: AddonContext) -> None:
+        super().__init__(cfg, ctx)
+        self.lam = to_float(cfg.get("lam", 0.087), "addons.sat.lam")
+        self.beta = to_float(cfg.get("beta", 0.1), "addons.sat.beta")
+        self.lam_sampling = str(cfg.get("lam_sampling", "per_step_batch"))
+        self.shift_reduction = str(cfg.get("shift_reduction", "batch_frobenius"))
+        self.cluster_form = str(cfg.get("cluster_form", "code"))
+        self.cluster_inputs = str(cfg.get("cluster_inputs", "adv"))
+        self.min_class_count = int(cfg.get("min_class_count", 2))
+        self.num_classes = int(ctx.num_classes)
+        layers = cfg.get("layers", "auto")
+        self.layers = default_taps(ctx.model) if layers in (None, "auto") else [str(n) for n in layers]
+        for name in self.layers:
+            resolve_layer(ctx.model, name)  # ConfigError naming the layer and the known ones
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(ctx.seed) + SEED_OFFSET)
+        # Λ of the batch being attacked: fixed per batch in the *_fixed modes, else drawn per step.
+        self._batch_lam: float | torch.Tensor | None = None
+        # The Λ values used for the current batch, in order (diagnostics and tests; never read in the step).
+        self.drawn: list[float | torch.Tensor] = []
+
+    @classmethod
+    def check_config(cls, cfg: Any, run_cfg: Any) -> list[str]:
+        problems: list[str] = []
+        unknown = sorted(set(cfg.keys()) - set(KEYS))
+        if unknown:
+            problems.append(f"addons.sat.{unknown[0]} is not a SAT option; allowed keys: {', '.join(KEYS)}")
+        for key in ("lam", "beta"):
+            try:
+                value = to_float(cfg.get(key), f"addons.sat.{key}")
+            except ConfigError as err:
+                problems.append(str(err))
+                continue
+            if not math.isfinite(value) or value < 0:
+                problems.append(f"addons.sat.{key}={cfg.get(key)!r} is out of range: allowed 0 <= value")
+        for key, allowed in (
+            ("lam_sampling", LAM_SAMPLINGS),
+            ("shift_reduction", SHIFT_REDUCTIONS),
+            ("cluster_form", CLUSTER_FORMS),
+            ("cluster_inputs", CLUSTER_INPUTS),
+        ):
+            if cfg.get(key) not in allowed:
+                problems.append(
+                    f"addons.sat.{key}={cfg.get(key)!r} is not allowed; choose one of: {', '.join(allowed)}"
+                )
+        count = cfg.get("min_class_count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+            problems.append(
+                f"addons.sat.min_class_count={count!r} is out of range: allowed integer 2 <= value "
+                "(a class variance needs two samples)"
+            )
+        layers = cfg.get("layers")
+        if layers != "auto" and (
+            isinstance(layers, str)
+            or not hasattr(layers, "__len__")
+            or len(layers) == 0
+            or not all(isinstance(n, str) and n for n in layers)
+        ):
+            problems.append(
+                f"addons.sat.layers={layers!r} is not allowed: write auto or a non-empty list of layer "
+                "names, e.g. [layer4.0,layer4.1]"
+            )
+        if cfg.get("lam_sampling") == "per_sample_fixed" and cfg.get("shift_reduction") == "batch_frobenius":
+            problems.append(
+                "addons.sat.lam_sampling=per_sample_fixed needs addons.sat.shift_reduction=per_sample: "
+                "a batch Frobenius shift has no per-sample term to weight"
+            )
+        if cfg.get("awp_include_cluster"):
+            problems.append(
+                "addons.sat.awp_include_cluster=true is not supported: the step's AWP ascent sees only the "
+                "base defense's loss; allowed: false"
+            )
+        return problems
+
+    def required_layers(self) -> list[str]:
+        return list(self.layers)
+
+    # ----------------------------------------------------------------- Λ sampling
+    def _uniform(self, n: int | None) -> float | torch.Tensor:
+        """U(0, 1) from SAT's own CPU generator: a float (n None) or a (n,) tensor."""
+        if n is None:
+            return float(torch.rand((), generator=self.generator, dtype=torch.float64))
+        return torch.rand(n, generator=self.generator, dtype=torch.float64)
+
+    def _draw(self, batch: int) -> float | torch.Tensor:
+        u = self._uniform(batch if self.lam_sampling == "per_sample_fixed" else None)
+        lam = self.lam * u
+        self.drawn.append(lam)
+        return lam
+
+    def _step_lambda(self, batch: int) -> float | torch.Tensor:
+        if self.lam_sampling == "per_step_batch":
+            return self._draw(batch)
+        if self._batch_lam is None:
+            self._batch_lam = self._draw(batch)
+        return self._batch_lam
+
+    @contextmanager
+    def attack_context(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Iterator[None]:
+        # A new batch: the *_fixed modes draw a fresh Λ for it on first use.
+        self._batch_lam = None
+        self.drawn = []
+        yield
+
+    # ----------------------------------------------------------------- hooks
+    def inner_objective(
+        self,
+        x_adv: torch.Tensor,
+        y: torch.Tensor,
+        logits_adv: torch.Tensor,
+        feats_adv: dict[str, torch.Tensor],
+        clean: CleanReference,
+        model: nn.Module,
+        base_term: torch.Tensor,
+    ) -> torch.Tensor | None:
+        if self.lam == 0:
+            return None
+        ref = clean.features(model)
+        shift = feature_shift(
+            [feats_adv[n] for n in self.layers], [ref[n] for n in self.layers], self.shift_reduction
+        )
+        lam = self._step_lambda(x_adv.shape[0])
+        if isinstance(lam, torch.Tensor) and (lam.device, lam.dtype) != (shift.device, shift.dtype):
+            # One copy per batch: the fixed per-sample draw is reused by every attack step.
+            lam = lam.to(device=shift.device, dtype=shift.dtype, non_blocking=True)
+            self._batch_lam = lam
+        term = -lam * shift
+        if self.shift_reduction == "batch_frobenius":
+            # The attack sums the per-example objective, so giving every example the whole-batch term
+            # makes the batch objective B * (mean host loss - Λ·shift): the code's J up to the factor B.
+            term = term.expand(x_adv.shape[0])
+        return term
+
+    def outer_loss(self, out: StepForwards, base: StepLoss) -> dict[str, torch.Tensor]:
+        if self.beta == 0:
+            return {}
+        branches = {"adv": ["adv"], "clean": ["clean"], "both": ["adv", "clean"]}[self.cluster_inputs]
+        feats = [torch.cat([_wide(out.features(b)[n]) for b in branches]) for n in self.layers]
+        y = out.y.repeat(len(branches))
+        loss = cluster_loss(feats, y, self.num_classes, self.cluster_form, self.min_class_count)
+        return {"cluster": self.beta * loss}
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("generator") is not None:
+            self.generator.set_state(state["generator"].to("cpu"))
