@@ -44,28 +44,19 @@ def build_attack(node: Mapping[str, Any], threat: ThreatModel, key: str = "attac
     random_start = str(node.get("random_start") or "uniform")
     if name == "clean":
         return Clean()
-    if name == "pgd":
-        return PGD(
-            threat,
-            steps=int(node.get("steps", 10)),
-            step_size=to_float(node["step"], f"{key}.step"),
-            restarts=int(node.get("restarts") or 1),
-            random_start=random_start,
-            bn_mode=bn_mode,
-            loss=str(node.get("loss") or "ce"),
-        )
-    if name == "cw":
+    if name in ("pgd", "cw"):
+        # CW is PGD on the Carlini-Wagner margin loss; one construction serves both names.
         attack = PGD(
             threat,
-            steps=int(node.get("steps", 20)),
+            steps=int(node.get("steps", 20 if name == "cw" else 10)),
             step_size=to_float(node["step"], f"{key}.step"),
             restarts=int(node.get("restarts") or 1),
             random_start=random_start,
             bn_mode=bn_mode,
-            loss="cw",
+            loss="cw" if name == "cw" else str(node.get("loss") or "ce"),
             kappa=to_float(node.get("kappa", 50.0), f"{key}.kappa"),
         )
-        attack.name = "cw"
+        attack.name = name
         return attack
     if name == "autoattack":
         return AutoAttack(

@@ -195,6 +195,7 @@ def load_svhn(cfg: Mapping[str, Any], seed: int) -> Source:
         train, test = cls(str(folder), split="train"), cls(str(folder), split="test")
     except RuntimeError as exc:
         raise _integrity_error("svhn", folder, exc) from exc
+    # scipy.io.loadmat signals a MATLAB v7.3 (HDF5) file, which it cannot read, with NotImplementedError.
     except (*_READ_ERRORS, NotImplementedError) as exc:
         raise _unreadable_error("svhn", folder, exc) from exc
 
