@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint format clean
+.PHONY: install demo test test-all bench lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
+
+# Training-step throughput, ours beside a reference loop written like the papers' code, on synthetic
+# CIFAR-shaped data: PreActResNet-18 with 16 base channels (width 0.25), batch 128, PGD-AT and TRADES.
+# More options: `make bench BENCH_ARGS="--mode step epoch autoattack --json bench.json"`.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) scripts/bench.py --model preact_resnet18 --width 0.25 --batch 128 --defense pgd_at trades $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check robust_train tests scripts

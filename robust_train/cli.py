@@ -1,25 +1,47 @@
 """Command-line entry points; the only module that touches Hydra.
 
-`robust-train` trains (or resumes) one run per Hydra job; `robust-eval` evaluates a checkpoint.
+`robust-train` trains (or resumes) one run per Hydra job; `robust-eval` evaluates a checkpoint;
+`robust-report` tabulates and plots finished runs (no Hydra: it reads results.json files or W&B).
 User errors (bad config values, missing data files, incompatible checkpoints) print one message and
-exit with code 2, without a traceback.
+exit with code 2, without a traceback. In a multirun a failing job does not stop the sweep: it is
+recorded in its run dir (`error.json`), its W&B run is marked failed, the other jobs go on, and the
+sweep ends with a list of the failed jobs and exit code 1.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import traceback
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from robust_train.errors import RobustTrainError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EXIT_USER_ERROR = 2
+EXIT_JOB_FAILED = 1
+# Written into a multirun job's output dir when the job fails; removed when the job later succeeds.
+JOB_ERROR_FILE = "error.json"
+
+# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml carry the launcher plugins' own names so
+# that `hydra/launcher=submitit_slurm` gets our defaults; Hydra then checks them against the plugin's schema
+# of the same name (what we want) and warns that this matching is deprecated on every run.
+warnings.filterwarnings(
+    "ignore",
+    message=r"(?s).*is validated against ConfigStore schema with the same name",
+    category=UserWarning,
+)
 
 
 def _job_context() -> tuple[Path, str | None]:
@@ -30,26 +52,88 @@ def _job_context() -> tuple[Path, str | None]:
     return run_dir, group
 
 
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _fail(prog: str, message: str) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
 
 
-def _guard(prog: str, fn, cfg: DictConfig) -> None:
-    try:
-        fn(cfg)
-    except RobustTrainError as err:
-        _fail(prog, str(err))
-    except OmegaConfBaseException as err:
+def _user_message(err: BaseException) -> str | None:
+    """The one-line message of a user error, or None for a bug or an environment failure."""
+    if isinstance(err, RobustTrainError):
+        return str(err)
+    if isinstance(err, OmegaConfBaseException):
         # Interpolation and type errors surface when values are read; the first line names the key.
-        _fail(prog, str(err).strip().splitlines()[0])
+        return str(err).strip().splitlines()[0]
+    return None
 
 
-def _train(cfg: DictConfig) -> None:
+def _guard(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    try:
+        return fn(cfg)
+    except (RobustTrainError, OmegaConfBaseException) as err:
+        _fail(prog, _user_message(err) or str(err))
+
+
+def _record_job_failure(prog: str, err: Exception) -> None:
+    """Write error.json in the failed job's dir and say which job failed, with what."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    user = _user_message(err)
+    message = user or f"{type(err).__name__}: {err}"
+    record = {
+        "job": hc.job.num,
+        "overrides": overrides,
+        "error": message,
+        "type": type(err).__name__,
+        "user_error": user is not None,
+        "traceback": None if user else traceback.format_exc(),
+    }
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / JOB_ERROR_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as write_err:  # the job already failed; say so even if the disk is the problem
+        print(f"{prog}: could not write {run_dir / JOB_ERROR_FILE}: {write_err}", file=sys.stderr)
+    if record["traceback"]:
+        print(record["traceback"], file=sys.stderr)
+    print(f"{prog}: job {hc.job.num} ({' '.join(overrides)}) failed: {message}", file=sys.stderr, flush=True)
+
+
+def _run(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """One Hydra job. Single run: user errors exit 2. Multirun: any failure is this job's alone."""
+    if not _in_multirun():
+        return _guard(prog, fn, cfg)
+    try:
+        return fn(cfg)
+    except Exception as err:
+        # SystemExit (submitit's requeue after a preemption) and KeyboardInterrupt are not caught: they
+        # must end the process. The return value None is a failed trial for the Optuna sweeper.
+        _record_job_failure(prog, err)
+        return None
+
+
+def _set_job_type(cfg: DictConfig, job_type: str) -> None:
+    """W&B job_type: the logger's value, else what this entry point does (train / eval)."""
+    if cfg.get("logger") is not None and not cfg.logger.get("job_type"):
+        with open_dict(cfg):
+            cfg.logger.job_type = job_type
+
+
+def _train(cfg: DictConfig) -> float | None:
+    """Train one run; returns its best robust validation accuracy (the Optuna objective)."""
     from robust_train.training.run import train_run
 
     run_dir, group = _job_context()
-    train_run(cfg, run_dir, group)
+    _set_job_type(cfg, "train")
+    results = train_run(cfg, run_dir, group)
+    (run_dir / JOB_ERROR_FILE).unlink(missing_ok=True)  # an earlier failure of this job is history now
+    best = (results.get("train") or {}).get("best") or {}
+    value = best.get("val_robust_acc")
+    return None if value is None else float(value)
 
 
 def _evaluate(cfg: DictConfig) -> None:
@@ -59,16 +143,73 @@ def _evaluate(cfg: DictConfig) -> None:
         raise_missing = "checkpoint is required: robust-eval checkpoint=outputs/.../best.pt"
         _fail("robust-eval", raise_missing)
     out_dir, group = _job_context()
+    _set_job_type(cfg, "eval")
     evaluate_checkpoint(cfg, out_dir, group)
+    (out_dir / JOB_ERROR_FILE).unlink(missing_ok=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def train_main(cfg: DictConfig) -> None:
+def train_main(cfg: DictConfig) -> float | None:
     """robust-train: train and evaluate one run per Hydra job."""
-    _guard("robust-train", _train, cfg)
+    return _run("robust-train", _train, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def eval_main(cfg: DictConfig) -> None:
     """robust-eval: evaluate a saved checkpoint."""
-    _guard("robust-eval", _evaluate, cfg)
+    _run("robust-eval", _evaluate, cfg)
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun (on the launching machine): list failed jobs, exit 1 if there were any."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        failed = []
+        for path in sorted(sweep_dir.glob(f"**/{JOB_ERROR_FILE}")):
+            try:
+                failed.append((path, json.loads(path.read_text())))
+            except (OSError, ValueError):
+                failed.append((path, {"error": "unreadable error record"}))
+        if not failed:
+            return
+        lines = [f"robust-train: {len(failed)} job(s) of the sweep in {sweep_dir} failed:"]
+        for path, rec in failed:
+            lines.append(f"  {path.parent}: {' '.join(rec.get('overrides') or [])}: {rec.get('error')}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+        sys.exit(EXIT_JOB_FAILED)
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """robust-report: markdown tables and plots of finished runs, beside the papers' numbers."""
+    parser = argparse.ArgumentParser(
+        prog="robust-report",
+        description="Tabulate and plot runs: clean and robust accuracy per attack, mean +- std over seeds, "
+        "best and last checkpoints, the paper's numbers beside presets' runs.",
+    )
+    parser.add_argument("paths", nargs="*", help="run or sweep directories (searched for results.json)")
+    parser.add_argument("--out", default=None, help="where to write report.md and the PNGs (default: "
+                        "the single PATH given, else ./report)")  # fmt: skip
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None,
+                        help="read the runs from a W&B project instead of local directories")  # fmt: skip
+    parser.add_argument("--group", default=None, help="with --wandb: only runs of this W&B group (a sweep)")
+    parser.add_argument("--no-plots", action="store_true", help="write the markdown report only")
+    args = parser.parse_args(argv)
+
+    from robust_train.report import build_report, load_local_runs, load_wandb_runs
+
+    try:
+        if args.wandb:
+            runs = load_wandb_runs(args.wandb, group=args.group)
+            default_out = Path("report")
+        else:
+            if not args.paths:
+                parser.error("give one or more run/sweep directories, or --wandb ENTITY/PROJECT")
+            runs = load_local_runs([Path(p) for p in args.paths])
+            default_out = Path(args.paths[0]) if len(args.paths) == 1 else Path("report")
+        out = Path(args.out) if args.out else default_out
+        report = build_report(runs, out, plots=not args.no_plots)
+    except RobustTrainError as err:
+        _fail("robust-report", str(err))
+    print(report.markdown)
+    print(f"report: {report.path}" + "".join(f"\nplot: {p}" for p in report.plots), flush=True)

@@ -20,7 +20,9 @@ BN_MODES = ("train", "eval")
 RANDOM_STARTS = ("uniform", "normal", "none")
 SCHEDULES = ("piecewise", "cosine", "constant")
 DEFENSES = ("standard", "pgd_at", "trades", "mart")
-ATTACKS = ("clean", "fgsm", "pgd", "cw", "autoattack")
+ATTACKS = ("clean", "fgsm", "pgd", "cw", "autoattack", "lafeat", "ssa", "ssah")
+LAFEAT_HEAD_DATA = ("train", "attacked")
+SSA_PROJECTIONS = ("every_step", "final", "none")
 AUTOATTACK_VERSIONS = ("standard", "lite")
 ATTACK_LOSSES = ("ce", "cw")
 LOGGERS = ("wandb", "none")
@@ -99,6 +101,24 @@ class _Checker:
             return None
         return value
 
+    def boolean(self, node: Any, key: str, path: str, optional: bool = True) -> bool | None:
+        value = _get(node, key)
+        full = f"{path}.{key}" if path else key
+        if value is None and optional:
+            return None
+        if not isinstance(value, bool):
+            self.problems.append(f"{full}={value!r} must be true or false")
+            return None
+        return value
+
+    def known_keys(self, node: Any, path: str, allowed: tuple[str, ...]) -> None:
+        """Keys added with `+` are not caught by Hydra's struct mode: refuse names the code never reads."""
+        if node is None or not hasattr(node, "keys"):
+            return
+        for key in node.keys():
+            if key not in allowed:
+                self.problems.append(f"{path}.{key} is not a known key; allowed: {', '.join(allowed)}")
+
     def raise_if_any(self) -> None:
         if self.problems:
             if len(self.problems) == 1:
@@ -125,6 +145,12 @@ def _check_attack(c: _Checker, attack: Any, path: str) -> None:
         return
     if _get(attack, "norm") is not None:
         c.choice(attack, "norm", path, NORMS)
+    if name == "lafeat":
+        _check_lafeat(c, attack, path)
+        return
+    if name in ("ssa", "ssah"):
+        _check_ssa(c, attack, path, name)
+        return
     if name == "autoattack":
         c.choice(attack, "version", path, AUTOATTACK_VERSIONS)
         c.number(attack, "batch_size", path, lo=1, integer=True, optional=True)
@@ -142,6 +168,54 @@ def _check_attack(c: _Checker, attack: Any, path: str) -> None:
         c.number(attack, "eps", path, lo=0.0)
     if _get(attack, "random_start") is not None:
         c.choice(attack, "random_start", path, RANDOM_STARTS)
+    if _get(attack, "bn_mode") is not None:
+        c.choice(attack, "bn_mode", path, BN_MODES)
+
+
+def _check_lafeat(c: _Checker, attack: Any, path: str) -> None:
+    """LAFEAT keys (base spec §8); L-inf only, so a norm other than linf is refused here."""
+    if _get(attack, "norm") not in (None, "linf"):
+        c.problems.append(f"{path}.norm={_get(attack, 'norm')!r}: lafeat is an L-inf attack; allowed: linf")
+    for key, lo in (("iterations", 0), ("n_targets", 1), ("head_epochs", 0), ("head_batch_size", 1),
+                    ("head_channels", 1), ("head_hidden", 1), ("batch_size", 1)):  # fmt: skip
+        c.number(attack, key, path, lo=lo, integer=True, optional=True)
+    c.number(attack, "head_samples", path, lo=1, integer=True, optional=True)
+    c.number(attack, "head_lr", path, lo=0.0, lo_open=True, optional=True)
+    if _get(attack, "eps") is not None:
+        c.number(attack, "eps", path, lo=0.0, hi=1.0)
+    betas = _get(attack, "betas")
+    if betas is not None:
+        if isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) == 0:
+            c.problems.append(f"{path}.betas={betas!r} must be a non-empty list of numbers in [0, 1]")
+        else:
+            for i, beta in enumerate(betas):
+                c.number({str(i): beta}, str(i), f"{path}.betas", lo=0.0, hi=1.0)
+    head_data = (
+        c.choice(attack, "head_data", path, LAFEAT_HEAD_DATA) if _get(attack, "head_data") else "train"
+    )
+    if head_data == "train" and not _get(attack, "head_dataset"):
+        c.problems.append(
+            f"{path}.head_data=train needs {path}.head_dataset (e.g. ${{dataset}}); or head_data=attacked"
+        )
+    if _get(attack, "bn_mode") is not None:
+        c.choice(attack, "bn_mode", path, BN_MODES)
+
+
+def _check_ssa(c: _Checker, attack: Any, path: str, name: str) -> None:
+    """SSA/SSAH keys (base spec §9); `ssa` is the preset without the low-frequency term."""
+    c.number(attack, "iterations", path, lo=0, integer=True, optional=True)
+    c.number(attack, "batch_size", path, lo=1, integer=True, optional=True)
+    for key in ("lr", "margin", "alpha"):
+        c.number(attack, key, path, lo=0.0, optional=True)
+    lam = c.number(attack, "lambda_lf", path, lo=0.0, optional=True)
+    if name == "ssa" and lam:
+        c.problems.append(
+            f"{path}.lambda_lf={lam:g}: ssa has no low-frequency term; use name=ssah for lambda_lf > 0"
+        )
+    if _get(attack, "project") is not None:
+        c.choice(attack, "project", path, SSA_PROJECTIONS)
+    if _get(attack, "eps") is not None:
+        c.number(attack, "eps", path, lo=0.0)
     if _get(attack, "bn_mode") is not None:
         c.choice(attack, "bn_mode", path, BN_MODES)
 
@@ -180,6 +254,154 @@ def _check_logger(c: _Checker, logger: Any) -> None:
         c.choice(logger, "mode", "logger", WANDB_MODES)
 
 
+def _check_fast(c: _Checker, fast: Any) -> None:
+    """trainer.fast: every knob auto/true/false and a known compile mode (absent node: all auto)."""
+    from robust_train.training.fastpath import COMPILE_MODES, KNOBS, knob_value
+
+    for key in KNOBS:
+        try:
+            knob_value(fast, key)
+        except ConfigError as err:
+            c.problems.append(str(err))
+    if fast is not None and _get(fast, "compile_mode") is not None:
+        c.choice(fast, "compile_mode", "trainer.fast", COMPILE_MODES)
+
+
+NAN_POLICIES = ("stop", "skip")
+SANITY_KEYS = (
+    "enabled", "n_examples", "batch_size", "pgd_steps", "large_eps", "square_queries", "tolerance",
+    "max_large_eps_acc", "max_dead_grad_frac",
+)  # fmt: skip
+# Divergence guard on add-on strengths: values past these make an add-on's term dominate the loss by
+# orders of magnitude (the papers use at most: SAT lam 0.5, ISEAT lam 1 / gamma 0.01, LAD eta 1000,
+# RWT second_coef 1, SLIM |lambda| 1); they are refused before any work.
+ADDON_STRENGTH_LIMITS: dict[str, dict[str, float]] = {
+    "sat": {"lam": 100.0, "beta": 100.0},
+    "iseat": {"lam": 100.0, "gamma": 1.0},
+    "lad": {"eta": 1.0e5},
+    "rwt": {"second_coef": 100.0, "noise_std": 1.0},
+    "slim": {"lam_low": 100.0, "lam_high": 100.0, "fixed_lambda": 100.0, "task_weight": 100.0},
+}
+MAX_BETA = 100.0  # TRADES/MART: the papers use 1-6
+SHAPE_CHECK_WIDTH = 0.0625
+
+
+def _check_addon_strengths(c: _Checker, cfg: Any) -> None:
+    node = _get(cfg, "addons")
+    if not node or not hasattr(node, "items"):
+        return
+    for name, acfg in node.items():
+        for key, limit in ADDON_STRENGTH_LIMITS.get(str(name), {}).items():
+            value = _get(acfg, key)
+            # ISEAT writes strengths as lists (a range or one value); ListConfig is not a list.
+            values = [value] if isinstance(value, str) or not hasattr(value, "__iter__") else list(value)
+            for v in values:
+                if v is None or isinstance(v, bool):
+                    continue
+                try:
+                    x = to_float(v, f"addons.{name}.{key}")
+                except ConfigError:
+                    continue  # the add-on's own check names the type error
+                if math.isfinite(x) and abs(x) > limit:
+                    c.problems.append(
+                        f"addons.{name}.{key}={v!r} exceeds the divergence guard: allowed |value| <= "
+                        f"{limit:g} (a larger strength drowns the base loss and training diverges)"
+                    )
+
+
+def _check_nan(c: _Checker, t: Any) -> None:
+    nan = _get(t, "nan")
+    if nan is not None:
+        c.known_keys(nan, "trainer.nan", ("policy", "max_skips", "max_term"))
+        if _get(nan, "policy") is not None:
+            c.choice(nan, "policy", "trainer.nan", NAN_POLICIES)
+        c.number(nan, "max_skips", "trainer.nan", lo=0, integer=True, optional=True)
+        c.number(nan, "max_term", "trainer.nan", lo=0.0, lo_open=True, optional=True)
+    sigs = _get(t, "stop_signals")
+    if sigs is not None:
+        from robust_train.training.signals import parse_signals
+
+        if isinstance(sigs, str) or not hasattr(sigs, "__iter__"):
+            c.problems.append(f"trainer.stop_signals={sigs!r} must be a list, e.g. [SIGTERM, SIGUSR1]")
+        else:
+            try:
+                parse_signals(list(sigs))
+            except ConfigError as err:
+                c.problems.append(str(err))
+    for key in ("resume", "progress", "drop_last"):
+        c.boolean(t, key, "trainer")
+
+
+def _check_sanity(c: _Checker, ev: Any) -> None:
+    node = _get(ev, "sanity")
+    if node is None:
+        return
+    path = "eval.sanity"
+    c.known_keys(node, path, SANITY_KEYS)
+    c.boolean(node, "enabled", path)
+    for key in ("n_examples", "batch_size", "pgd_steps"):
+        c.number(node, key, path, lo=1, integer=True, optional=True)
+    c.number(node, "square_queries", path, lo=0, integer=True, optional=True)
+    c.number(node, "large_eps", path, lo=0.0, lo_open=True, optional=True)
+    c.number(node, "tolerance", path, lo=0.0, hi=100.0, optional=True)
+    c.number(node, "max_large_eps_acc", path, lo=0.0, hi=100.0, optional=True)
+    c.number(node, "max_dead_grad_frac", path, lo=0.0, hi=1.0, optional=True)
+
+
+def _check_shapes(c: _Checker, cfg: Any) -> None:
+    """The model must accept the dataset's images: channel statistics and a shape-only forward."""
+    ds = cfg.dataset
+    shape = _get(ds, "image_shape")
+    if shape is None:
+        return
+    shape = list(shape)
+    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+        c.problems.append(
+            f"dataset.image_shape={shape!r} must be [channels, height, width] of positive integers"
+        )
+        return
+    for key in ("mean", "std"):
+        stats = _get(ds, key)
+        if stats is not None and len(list(stats)) != shape[0]:
+            c.problems.append(
+                f"dataset.{key} has {len(list(stats))} values but dataset.image_shape has {shape[0]} channels"
+            )
+    if c.problems:
+        return
+    from robust_train.builders import model_from_config
+
+    classes = int(_get(ds, "num_classes") or 10)
+    mean = tuple(_get(ds, "mean") or (0.5,) * shape[0])
+    std = tuple(_get(ds, "std") or (0.25,) * shape[0])
+    # Width scales channels only, never spatial sizes: a 1/16-width copy on the CPU answers "does this
+    # architecture take these images" in milliseconds (the meta device would first import torch's
+    # decompositions, seconds per process).
+    node = {k: v for k, v in dict(cfg.model).items() if k != "width"}
+    try:
+        model = model_from_config(
+            {**node, "width": SHAPE_CHECK_WIDTH}, num_classes=classes, mean=mean, std=std
+        )
+    except ConfigError:
+        raise
+    except Exception:
+        return  # a model that cannot be built thin is checked when the real one is built
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *shape))
+    except Exception as err:  # shape errors come as RuntimeError/ValueError from torch
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        c.problems.append(
+            f"model={_get(cfg.model, 'name')} cannot take dataset={_get(ds, 'name')} images of shape "
+            f"{shape}: {first}"
+        )
+        return
+    if tuple(out.shape) != (2, classes):
+        c.problems.append(
+            f"model={_get(cfg.model, 'name')} returns {tuple(out.shape)[1:]} outputs for dataset="
+            f"{_get(ds, 'name')}; expected {classes} classes"
+        )
+
+
 def validate_train_config(cfg: Any) -> None:
     """Check a composed training config; raise one ConfigError describing every problem found."""
     from robust_train.data import DATASET_NAMES
@@ -195,7 +417,7 @@ def validate_train_config(cfg: Any) -> None:
 
     defense = c.choice(cfg.defense, "name", "defense", DEFENSES)
     if defense in ("trades", "mart"):
-        c.number(cfg.defense, "beta", "defense", lo=0.0)
+        c.number(cfg.defense, "beta", "defense", lo=0.0, hi=MAX_BETA)
     awp = _get(cfg.defense, "awp")
     if awp is not None and _get(awp, "enabled"):
         if defense == "standard":
@@ -236,12 +458,18 @@ def validate_train_config(cfg: Any) -> None:
     c.number(val, "pgd_steps", "trainer.validation", lo=0, integer=True)
     c.number(val, "max_examples", "trainer.validation", lo=1, integer=True, optional=True)
     c.number(val, "batch_size", "trainer.validation", lo=1, integer=True)
+    _check_fast(c, _get(t, "fast"))
+    _check_nan(c, t)
     _check_eval(c, cfg.eval)
+    _check_sanity(c, cfg.eval)
     _check_logger(c, cfg.logger)
+    _check_addon_strengths(c, cfg)
     if not c.problems:
         from robust_train.addons import check_addons
 
         c.problems.extend(check_addons(cfg))
+    if not c.problems:
+        _check_shapes(c, cfg)
     c.raise_if_any()
 
 

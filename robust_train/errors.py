@@ -15,3 +15,18 @@ class DataError(RobustTrainError):
 
 class CheckpointError(RobustTrainError):
     """A checkpoint is missing, truncated, corrupt or from an incompatible model."""
+
+
+class ResultsError(RobustTrainError):
+    """A results file is unreadable or was written by another format version."""
+
+
+class StorageError(RobustTrainError, OSError):
+    """Writing to disk failed (disk full, quota, permissions); the previous file is left intact.
+
+    Also an OSError, so code that handles I/O failures generically still catches it.
+    """
+
+
+class NumericalError(RobustTrainError):
+    """Training produced a non-finite or exploding loss; the message names epoch, step and loss terms."""

@@ -26,9 +26,10 @@ def class_centroids(feats: torch.Tensor, y: torch.Tensor, num_classes: int) -> t
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
 
 
-def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Cluster label of each row: the class of the nearest centroid in L2 (absent classes never win)."""
-    dist = torch.cdist(feats.flatten(1).double(), torch.nan_to_num(centroids, nan=0.0))
+def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Cluster label of each row: the class of the nearest centroid in L_p, L2 by default (absent classes
+    never win); p = inf is the norm of Jin et al.'s code."""
+    dist = torch.cdist(feats.flatten(1).double(), torch.nan_to_num(centroids, nan=0.0), p=p)
     dist = dist.masked_fill(torch.isnan(centroids).any(dim=1).unsqueeze(0), float("inf"))
     return dist.argmin(dim=1)
 

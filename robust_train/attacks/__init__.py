@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from robust_train.attacks.autoattack import AutoAttack
 from robust_train.attacks.base import Attack, Clean, Objective, attack_mode, ce_objective
+from robust_train.attacks.lafeat import LAFEAT
 from robust_train.attacks.pgd import FGSM, PGD
+from robust_train.attacks.ssa import SSAH
 from robust_train.attacks.threat import ThreatModel
 from robust_train.config import ATTACKS, to_float
 from robust_train.errors import ConfigError
@@ -17,8 +19,10 @@ __all__ = [
     "AutoAttack",
     "Clean",
     "FGSM",
+    "LAFEAT",
     "Objective",
     "PGD",
+    "SSAH",
     "ThreatModel",
     "attack_mode",
     "build_attack",
@@ -74,4 +78,71 @@ def build_attack(node: Mapping[str, Any], threat: ThreatModel, key: str = "attac
             random_start=str(node.get("random_start") or "none"),
             bn_mode=bn_mode,
         )
+    if name == "lafeat":
+        return _build_lafeat(node, threat, key, bn_mode)
+    if name in ("ssa", "ssah"):
+        return SSAH(
+            threat,
+            iterations=_int(node, "iterations", 150),
+            lr=to_float(node.get("lr", 1e-3), f"{key}.lr"),
+            margin=to_float(node.get("margin", 0.2), f"{key}.margin"),
+            alpha=to_float(node.get("alpha", 1.0), f"{key}.alpha"),
+            lambda_lf=to_float(node.get("lambda_lf", 0.0 if name == "ssa" else 0.1), f"{key}.lambda_lf"),
+            project=str(node.get("project") or "every_step"),
+            batch_size=_int(node, "batch_size", 500),
+            feature_input_of=str(node.get("feature_input_of") or "fc"),
+            bn_mode=bn_mode,
+            name=name,
+        )
     raise ConfigError(f"{key}.name={name!r} is not a known attack; allowed: {', '.join(ATTACKS)}")
+
+
+def _build_lafeat(node: Mapping[str, Any], threat: ThreatModel, key: str, bn_mode: str) -> LAFEAT:
+    betas = node.get("betas")
+    head_layers = node.get("head_layers")
+    dataset = node.get("head_dataset")
+    return LAFEAT(
+        threat,
+        iterations=_int(node, "iterations", 100),
+        betas=[to_float(b, f"{key}.betas") for b in betas]
+        if betas is not None
+        else [round(0.1 * i, 10) for i in range(10)],
+        beta_schedule=bool(node.get("beta_schedule", True)),
+        targeted=bool(node.get("targeted", False)),
+        n_targets=_int(node, "n_targets", 9),
+        layer=None if node.get("layer") in (None, "auto") else str(node["layer"]),
+        head_layers=None
+        if head_layers in (None, "auto")
+        else [head_layers]
+        if isinstance(head_layers, str)
+        else [str(n) for n in head_layers],
+        head_epochs=_int(node, "head_epochs", 100),
+        head_samples=_int(node, "head_samples", None),
+        head_batch_size=_int(node, "head_batch_size", 128),
+        head_lr=to_float(node.get("head_lr", 1e-3), f"{key}.head_lr"),
+        head_channels=_int(node, "head_channels", 64),
+        head_hidden=_int(node, "head_hidden", 256),
+        head_augment=bool(node.get("head_augment", True)),
+        head_data=str(node.get("head_data") or "train"),
+        head_dataset=None if dataset is None else _plain(dataset),
+        head_seed=_int(node, "head_seed", 0),
+        cache_dir=node.get("cache_dir"),
+        batch_size=_int(node, "batch_size", 500),
+        seed=_int(node, "seed", 0),
+        bn_mode=bn_mode,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Config containers -> plain dicts/lists (interpolations resolved), so they hash and pickle alike."""
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _int(node: Mapping[str, Any], key: str, default: int | None) -> Any:
+    """node[key] when set (validated by the attack, so 0 or -1 are refused there, not replaced)."""
+    value = node.get(key)
+    return default if value is None else value

@@ -13,6 +13,17 @@ from robust_train.config import resolve_device, validate_eval_config, validate_t
 from robust_train.data import build_dataset
 from robust_train.defenses import build_defense
 from robust_train.errors import ConfigError
+from robust_train.evaluation.analysis import (
+    evaluate_sibling,
+    format_analysis,
+    format_gap,
+    log_analysis,
+    run_analysis,
+    suite_gap,
+    validate_analysis,
+)
+from robust_train.evaluation.sanity import run_sanity_checks, sanity_settings
+from robust_train.evaluation.sanity import summary_values as sanity_summary
 from robust_train.evaluation.suite import build_suite, run_suite
 from robust_train.models import check_state_dict_compatible
 from robust_train.tracking.checkpoint import load_checkpoint, seed_everything
@@ -48,6 +59,7 @@ def merged_config(cfg: DictConfig, state: dict[str, Any]) -> DictConfig:
 def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, group: str | None = None) -> dict[str, Any]:
     """Rebuild the checkpoint's model, run the eval suite on the test set, write out_dir/results.json."""
     validate_eval_config(cfg)
+    analysis_names = validate_analysis(cfg.get("analysis"), cfg.get("analysis_options"))
     state = load_checkpoint(cfg.checkpoint)
     full = merged_config(cfg, state)
     validate_train_config(full)
@@ -65,6 +77,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, group: str | None = None
         {"model": model, "defense": build_defense(full.defense, threat), "threat": threat,
          "num_classes": data.num_classes, "seed": seed},
     )  # fmt: skip
+    net = model  # the plain network: analysis hooks need its layers, not an eval-time wrapper
     for addon, addon_state in ((a, (state.get("addons") or {}).get(a.name)) for a in addons):
         if addon_state:
             addon.load_state_dict(addon_state)
@@ -101,17 +114,50 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, group: str | None = None
                 ),
             },
         }
+        if sanity_settings(full.eval.get("sanity"))["enabled"]:
+            entry = results["eval"][kind]
+            entry["sanity"] = run_sanity_checks(
+                model, x, y, threat, full.eval.get("sanity"), entry["attacks"], seed
+            )
+            tracker.summary(sanity_summary(kind, entry["sanity"]))
         write_results(results, out_dir / "results.json")
+        if analysis_names:
+            results["analysis"] = run_analysis(
+                net, analysis_names, cfg.get("analysis_options"), attacks, (data.train_x, data.train_y),
+                (x, y), data.num_classes, out_dir, kind, int(full.eval.batch_size), seed,
+            )  # fmt: skip
+            if "robust_overfitting" in analysis_names:
+
+                def wrap(m: Any) -> Any:
+                    for addon in addons:
+                        m = addon.wrap_for_eval(m)
+                    return m
+
+                found = evaluate_sibling(
+                    net, wrap, attacks, cfg.checkpoint, results["eval"][kind]["epoch"], x, y,
+                    int(full.eval.batch_size), out_dir,
+                )  # fmt: skip
+                if found is not None:
+                    results["eval"][found[0]] = found[1]
+                results["eval"]["gap"] = suite_gap(results["eval"])
+            write_results(results, out_dir / "results.json")
+            log_analysis(tracker, results["analysis"])
         rows = [
-            [kind, name, a["accuracy"], a["n"], a["time_s"]]
-            for name, a in results["eval"][kind]["attacks"].items()
+            [k, name, a["accuracy"], a["n"], a["time_s"]]
+            for k, entry in results["eval"].items()
+            if isinstance(entry, dict) and "attacks" in entry
+            for name, a in entry["attacks"].items()
         ]
         tracker.log_table("eval/results", ["checkpoint", "attack", "accuracy", "n", "time_s"], rows)
-        tracker.summary({f"eval/{kind}/{r[1]}": r[2] for r in rows})
+        gap = {f"eval/gap/{k}": v for k, v in (results["eval"].get("gap") or {}).items()}
+        tracker.summary({f"eval/{r[0]}/{r[1]}": r[2] for r in rows} | gap)
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     tracker.finish(exit_code=0)
     print(format_table(results["eval"]), flush=True)
+    for text in (format_gap(results["eval"].get("gap")), format_analysis(results.get("analysis") or {})):
+        if text:
+            print(text, flush=True)
     print(f"results: {out_dir / 'results.json'}", flush=True)
     return results

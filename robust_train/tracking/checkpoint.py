@@ -1,8 +1,23 @@
-"""Checkpoints written atomically (temporary file, fsync, rename) and read with clear errors."""
+"""Checkpoints: atomic, checksummed, with the previous good file kept as a fallback.
+
+Layout in a run directory (for `last.pt`; `best.pt` alike):
+
+- `last.pt`              the newest checkpoint (a plain torch file: `torch.load` still opens it)
+- `last.pt.sha256`       its SHA-256, written before the rename and verified on load
+- `last.prev.pt` (+ .sha256)  the checkpoint it replaced
+
+Writing order: new file and new checksum go to fsynced temporaries; the current pair is renamed to
+`.prev`; the temporaries are renamed into place. A hard kill at any point therefore leaves either a
+complete verified pair, or a missing/unverifiable newest file next to a good `.prev`, from which
+`load_checkpoint(..., fallback=True)` restores with a warning. A checkpoint without a checksum file
+(copied elsewhere, or older) loads without verification; torch's zip reader still refuses truncation.
+"""
 
 from __future__ import annotations
 
+import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,23 +25,82 @@ import numpy as np
 import torch
 
 from robust_train.errors import CheckpointError
-from robust_train.io import atomic_write
+from robust_train.io import fsync_dir, remove_stale_temporaries, sha256_file, storage_error, write_temporary
 
 CHECKPOINT_FORMAT = "robust-train-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write a checkpoint dictionary atomically, tagged with the format and version."""
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint`; CheckpointError if missing, truncated or foreign."""
+def checksum_path(path: Path | str) -> Path:
+    """The sidecar holding `path`'s SHA-256."""
     path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def previous_path(path: Path | str) -> Path:
+    """Where the checkpoint replaced by the latest save of `path` is kept (last.pt -> last.prev.pt)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = True) -> None:
+    """Write a checkpoint atomically with its checksum; keep the file it replaces as `<stem>.prev.pt`.
+
+    Raises StorageError (also an OSError) naming the path and free space when the disk is full; the
+    existing checkpoint is then untouched.
+    """
+    path = Path(path)
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    remove_stale_temporaries(path)
+    remove_stale_temporaries(checksum_path(path))
+    tmp = write_temporary(path, lambda t: torch.save(payload, t))
+    try:
+        digest = sha256_file(tmp)
+        tmp_sum = write_temporary(
+            checksum_path(path), lambda t: Path(t).write_text(f"{digest}  {path.name}\n")
+        )
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    try:
+        old_sum = checksum_path(path)
+        if keep_previous and path.exists():
+            prev = previous_path(path)
+            # The checksum moves first: a kill between the two renames leaves prev unverified (still
+            # loadable) and `path` without a stale checksum that would wrongly fail it.
+            if old_sum.exists():
+                os.replace(old_sum, checksum_path(prev))
+            else:
+                checksum_path(prev).unlink(missing_ok=True)
+            os.replace(path, prev)
+        else:
+            old_sum.unlink(missing_ok=True)
+        os.replace(tmp, path)
+        os.replace(tmp_sum, old_sum)
+    except OSError as err:
+        for t in (tmp, tmp_sum):
+            if os.path.exists(t):
+                os.unlink(t)
+        raise storage_error(path, err) from err
+    fsync_dir(path.parent)
+
+
+def verify_checkpoint(path: Path | str) -> bool | None:
+    """True if `path` matches its checksum file, False if not, None when there is no checksum file."""
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        expected = sidecar.read_text().split()[0]
+    except (OSError, IndexError):
+        return False
+    return sha256_file(path) == expected
+
+
+def _load_one(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint={path} does not exist")
+    verified = verify_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated/garbled files
@@ -34,6 +108,12 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"checkpoint={path} is unreadable (truncated or not a torch file): {first}"
         ) from None
+    if verified is False:
+        # Readable but not what was written: a flipped bit in a tensor would otherwise go unnoticed.
+        raise CheckpointError(
+            f"checkpoint={path} is corrupt: its SHA-256 does not match {checksum_path(path).name} "
+            "(interrupted copy or disk error)"
+        )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"checkpoint={path} is not a robust-train checkpoint (no '{CHECKPOINT_FORMAT}' tag)"
@@ -44,6 +124,37 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             f"version {CHECKPOINT_VERSION}"
         )
     return state
+
+
+def load_checkpoint(
+    path: Path | str, map_location: str | torch.device = "cpu", fallback: bool = False
+) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`; CheckpointError if missing, truncated, corrupt
+    or foreign.
+
+    With `fallback`, a bad or missing newest file is replaced by the previous good one
+    (`<stem>.prev.pt`) with a warning; the error is raised only when both are unusable.
+    """
+    path = Path(path)
+    try:
+        return _load_one(path, map_location)
+    except CheckpointError as err:
+        prev = previous_path(path)
+        if not fallback or not prev.is_file():
+            raise
+        try:
+            state = _load_one(prev, map_location)
+        except CheckpointError as err2:
+            raise CheckpointError(f"{err}; the fallback is unusable too: {err2}") from None
+        message = f"{err}; using the previous checkpoint {prev} (epoch {state.get('epoch')}) instead"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        print(f"warning: {message}", flush=True)
+        return state
+
+
+def resumable_checkpoint(path: Path | str) -> bool:
+    """Whether a run directory holds `path` or its previous copy to resume from."""
+    return Path(path).is_file() or previous_path(path).is_file()
 
 
 def rng_state() -> dict[str, Any]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from robust_train.errors import ResultsError
 from robust_train.io import atomic_write
 
 RESULTS_FORMAT = "robust-train-results"
@@ -80,6 +82,25 @@ def write_results(results: dict[str, Any], path: Path) -> None:
     atomic_write(path, write)
 
 
+def read_results(path: Path | str) -> dict[str, Any]:
+    """Read a results.json; ResultsError if unreadable, not a robust-train file, or another version."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"results file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResultsError(f"results file {path} is unreadable (truncated or not JSON): {err}") from None
+    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+        raise ResultsError(f"{path} is not a robust-train results file (no format: {RESULTS_FORMAT})")
+    if data.get("version") != RESULTS_VERSION:
+        raise ResultsError(
+            f"{path} has results format version {data.get('version')!r}; this robust-train reads version "
+            f"{RESULTS_VERSION}: use the robust-train that wrote it, or rerun the evaluation"
+        )
+    return data
+
+
 def format_table(evaluation: dict[str, Any]) -> str:
     """A plain-text table: one row per checkpoint, one column per attack (accuracy in %)."""
     per_ckpt = {k: v for k, v in evaluation.items() if isinstance(v, dict) and "attacks" in v}
@@ -90,13 +111,22 @@ def format_table(evaluation: dict[str, Any]) -> str:
         for name in entry["attacks"]:
             if name not in attacks:
                 attacks.append(name)
-    header = ["checkpoint", "epoch"] + attacks
+    # A sanity column once any checkpoint was checked (evaluation/sanity.py); failures also get loud
+    # lines under the table, so a masked evaluation cannot pass for a robust model.
+    checked = any(isinstance(e.get("sanity"), dict) for e in per_ckpt.values())
+    header = ["checkpoint", "epoch"] + attacks + (["sanity"] if checked else [])
     rows = []
     for ckpt, entry in per_ckpt.items():
         row = [ckpt, str(entry.get("epoch", "-"))]
         for name in attacks:
             a = entry["attacks"].get(name)
             row.append("-" if a is None else f"{a['accuracy']:.2f}")
+        if checked:
+            report = entry.get("sanity")
+            if not isinstance(report, dict):
+                row.append("-")
+            else:
+                row.append("FAILED" if report.get("failed") else ("warn" if report.get("warnings") else "ok"))
         rows.append(row)
     n = next(iter(per_ckpt.values()))["attacks"]
     n_ex = next(iter(n.values()))["n"] if n else 0
@@ -107,4 +137,23 @@ def format_table(evaluation: dict[str, Any]) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     title = f"accuracy (%) on {n_ex} test images"
-    return "\n".join([title, line(header), sep, *(line(r) for r in rows)])
+    return "\n".join([title, line(header), sep, *(line(r) for r in rows), *failure_lines(per_ckpt)])
+
+
+def failure_lines(evaluation: Mapping[str, Any]) -> list[str]:
+    """Loud lines for the results table: one per checkpoint whose checks failed or warned."""
+    lines: list[str] = []
+    for kind, entry in evaluation.items():
+        report = entry.get("sanity") if isinstance(entry, Mapping) else None
+        if not report:
+            continue
+        for name in report.get("failed", []):
+            lines.append(f"!!! SANITY CHECK FAILED [{kind}] {name}: {report['checks'][name]['detail']}")
+        for name in report.get("warnings", []):
+            lines.append(f"warning: sanity [{kind}] {name}: {report['checks'][name]['detail']}")
+    if any(line.startswith("!!!") for line in lines):
+        lines.append(
+            "!!! The robust accuracies above are likely overestimated (gradient masking or a weak "
+            "attack); do not report them before an adaptive evaluation."
+        )
+    return lines

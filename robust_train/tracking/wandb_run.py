@@ -23,6 +23,20 @@ class Tracker:
     def summary(self, values: dict[str, Any]) -> None:
         """Set run-summary values."""
 
+    def log_images(self, images: dict[str, Path]) -> None:
+        """Log image files (PNG plots) under their keys."""
+
+    def log_checkpoint(self, path: Path, aliases: list[str]) -> None:
+        """Upload a checkpoint as a version of this run's model artifact, with aliases (best, last)."""
+
+    def log_examples(
+        self, key: str, model: Any, attacks: dict[str, Any], x_uint8: Any, y: Any, checkpoint: str
+    ) -> None:
+        """A table of clean and adversarial example images with the model's predictions, per attack."""
+
+    def mark_preempting(self) -> None:
+        """The process is about to stop for a preemption or time-out and will be resumed later."""
+
     def finish(self, exit_code: int = 0) -> None:
         """Close the run with its exit code."""
 
@@ -43,6 +57,8 @@ class WandbTracker(Tracker):
         self._run = None
         self.run_id = resume_id
         self.group = cfg.get("group") or group
+        self.log_checkpoints = bool(cfg.get("log_checkpoints", False))
+        self.example_images = int(cfg.get("example_images") or 0)
         try:
             import wandb
 
@@ -98,12 +114,62 @@ class WandbTracker(Tracker):
         except Exception as err:
             self._fail(err)
 
+    def log_images(self, images: dict[str, Path]) -> None:
+        if self._run is None:
+            return
+        try:
+            self._run.log({k: self._wandb.Image(str(p)) for k, p in images.items()})
+        except Exception as err:
+            self._fail(err)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self._run is None:
             return
         try:
             for k, v in values.items():
                 self._run.summary[k] = v
+        except Exception as err:
+            self._fail(err)
+
+    def log_checkpoint(self, path: Path, aliases: list[str]) -> None:
+        if self._run is None or not self.log_checkpoints or not Path(path).exists():
+            return
+        try:
+            # One artifact per run; each upload is a version. Identical files (best.pt == last.pt at the
+            # same epoch) deduplicate into one version carrying both aliases.
+            art = self._wandb.Artifact(
+                f"model-{self._run.id}", type="model", metadata={"file": Path(path).name}
+            )
+            art.add_file(str(path), name="checkpoint.pt")
+            self._run.log_artifact(art, aliases=list(aliases))
+        except Exception as err:
+            self._fail(err)
+
+    def log_examples(
+        self, key: str, model: Any, attacks: dict[str, Any], x_uint8: Any, y: Any, checkpoint: str
+    ) -> None:
+        if self._run is None or self.example_images <= 0:
+            return
+        try:
+            rows = example_rows(model, attacks, x_uint8[: self.example_images], y[: self.example_images])
+            columns = ["checkpoint", "attack", "index", "label", "clean", "clean_pred", "adversarial",
+                       "adv_pred", "correct", "linf"]  # fmt: skip
+            image = self._wandb.Image
+            data = [
+                [checkpoint, r["attack"], r["index"], r["label"], image(r["clean"]), r["clean_pred"],
+                 image(r["adversarial"]), r["adv_pred"], r["correct"], r["linf"]]
+                for r in rows
+            ]  # fmt: skip
+            self._run.log({key: self._wandb.Table(columns=columns, data=data)})
+        except Exception as err:
+            self._fail(err)
+
+    def mark_preempting(self) -> None:
+        if self._run is None:
+            return
+        try:
+            # W&B shows the run as preempted (not failed) if it stops now; the resumed job continues it.
+            self._run.mark_preempting()
         except Exception as err:
             self._fail(err)
 
@@ -115,6 +181,41 @@ class WandbTracker(Tracker):
         except Exception as err:
             self._fail(err)
         self._run = None
+
+
+def example_rows(model: Any, attacks: dict[str, Any], x_uint8: Any, y: Any) -> list[dict[str, Any]]:
+    """Per attack and example: clean and adversarial images (HWC float in [0, 1]) and predictions."""
+    import torch
+
+    x = x_uint8.to(torch.float32).div(255)
+    was_training = model.training
+    model.eval()
+    rows: list[dict[str, Any]] = []
+    try:
+        with torch.no_grad():
+            clean_pred = model(x).argmax(1)
+        for name, attack in attacks.items():
+            x_adv = attack(model, x, y).detach()
+            with torch.no_grad():
+                adv_pred = model(x_adv).argmax(1)
+            linf = (x_adv - x).flatten(1).abs().amax(1)
+            for i in range(x.shape[0]):
+                rows.append(
+                    {
+                        "attack": name,
+                        "index": i,
+                        "label": int(y[i]),
+                        "clean": x[i].permute(1, 2, 0).cpu().numpy(),
+                        "clean_pred": int(clean_pred[i]),
+                        "adversarial": x_adv[i].permute(1, 2, 0).clamp(0, 1).cpu().numpy(),
+                        "adv_pred": int(adv_pred[i]),
+                        "correct": bool(adv_pred[i] == y[i]),
+                        "linf": float(linf[i]),
+                    }
+                )
+    finally:
+        model.train(was_training)
+    return rows
 
 
 def build_tracker(

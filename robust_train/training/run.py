@@ -9,16 +9,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from robust_train.addons import build_addons, selected
 from robust_train.attacks import ThreatModel
-from robust_train.builders import model_from_config, optimizer_from_config, threat_from_config
+from robust_train.builders import (
+    fast_path_from_config,
+    model_from_config,
+    optimizer_from_config,
+    threat_from_config,
+)
 from robust_train.config import resolve_device, validate_train_config
 from robust_train.data import DataBundle, build_dataset
 from robust_train.defenses import build_defense
 from robust_train.errors import CheckpointError
+from robust_train.evaluation.analysis import format_gap, suite_gap
+from robust_train.evaluation.sanity import run_sanity_checks, sanity_settings
+from robust_train.evaluation.sanity import summary_values as sanity_summary
 from robust_train.evaluation.suite import build_suite, run_suite
 from robust_train.models import check_state_dict_compatible
-from robust_train.tracking.checkpoint import load_checkpoint, seed_everything
-from robust_train.tracking.results import format_table, new_results, write_results
+from robust_train.tracking.checkpoint import load_checkpoint, resumable_checkpoint, seed_everything
+from robust_train.tracking.results import format_table, new_results, read_results, write_results
 from robust_train.tracking.wandb_run import Tracker, build_tracker
+from robust_train.training.callbacks import InstanceTracking
 from robust_train.training.trainer import Trainer
 
 
@@ -70,9 +79,9 @@ def evaluate_checkpoints(
     evaluated: dict[int, str] = {}  # epoch -> the checkpoint kind already evaluated at that epoch
     for kind in ev.get("checkpoints") or ["last"]:
         path = trainer.run_dir / f"{kind}.pt"
-        if not path.exists():
+        if not resumable_checkpoint(path):
             continue
-        state = load_checkpoint(path, map_location=data.test_x.device)
+        state = load_checkpoint(path, map_location=data.test_x.device, fallback=True)
         epoch = int(state["epoch"])
         if epoch in evaluated:
             # best.pt and last.pt of the same epoch hold the same weights: evaluate once.
@@ -89,9 +98,17 @@ def evaluate_checkpoints(
                 model, attacks, x, y, int(ev.batch_size), progress, kind, state_dir=trainer.run_dir
             ),
         }
+        if sanity_settings(ev.get("sanity"))["enabled"]:
+            # Budgeted checks for gradient masking and weak attacks (flags in results.json and W&B).
+            out[kind]["sanity"] = run_sanity_checks(
+                model, x, y, threat, ev.get("sanity"), out[kind]["attacks"], int(cfg.seed)
+            )
+            tracker.summary(sanity_summary(kind, out[kind]["sanity"]))
         evaluated[epoch] = kind
+        if len(evaluated) == 1:  # W&B table of example images (logger.example_images) for one checkpoint
+            tracker.log_examples("eval/examples", model, attacks, x, y, kind)
     # Leave the model as the run ended.
-    trainer.model.load_state_dict(load_checkpoint(trainer.run_dir / "last.pt")["model"])
+    trainer.model.load_state_dict(load_checkpoint(trainer.run_dir / "last.pt", fallback=True)["model"])
     rows = [
         [kind, entry["epoch"], name, a["accuracy"], a["n"], a["time_s"]]
         for kind, entry in out.items()
@@ -100,7 +117,10 @@ def evaluate_checkpoints(
     ]
     tracker.log_table("eval/results", ["checkpoint", "epoch", "attack", "accuracy", "n", "time_s"], rows)
     tracker.summary(
-        {f"eval/{row[0]}/{row[2]}": row[3] for row in rows} | {"eval/n_examples": out["n_examples"]}
+        {f"eval/{row[0]}/{row[2]}": row[3] for row in rows}
+        | {f"eval/{row[0]}/{row[2]}/time_s": row[5] for row in rows}  # per-attack evaluation time
+        | {f"eval_epoch/{row[0]}": row[1] for row in rows}
+        | {"eval/n_examples": out["n_examples"]}
     )
     return out
 
@@ -116,22 +136,28 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
 
     resume_state = None
     last = run_dir / "last.pt"
-    if cfg.trainer.get("resume", True) and last.exists():
-        resume_state = load_checkpoint(last)
+    if cfg.trainer.get("resume", True) and resumable_checkpoint(last):
+        # A corrupt or missing last.pt (hard kill, disk error) falls back to last.prev.pt with a warning.
+        resume_state = load_checkpoint(last, fallback=True)
+        if (run_dir / "results.json").exists():
+            read_results(run_dir / "results.json")  # refuses a results file of another format version
         _check_resume_compatible(resume_state, cfg, last)
 
     seed_everything(seed)
     data = build_dataset(cfg.dataset, seed).to(device)
     model = model_from_config(cfg.model, data).to(device)
+    fast = fast_path_from_config(cfg.trainer.get("fast"), device)
+    fast.prepare_model(model)  # channels_last and in-place compile; state_dict keys are unchanged
     threat = threat_from_config(cfg.threat)
     defense = build_defense(cfg.defense, threat)
     addons = build_addons(
         cfg,
         {"model": model, "defense": defense, "threat": threat, "num_classes": data.num_classes, "seed": seed},
     )
-    optimizer = optimizer_from_config(cfg.trainer.optimizer, model, device)
+    optimizer = optimizer_from_config(cfg.trainer.optimizer, model, device, fused=fast.fused_sgd)
     if resume_state is not None:
         check_state_dict_compatible(model, resume_state["model"], str(last))
+    instance_tracking = InstanceTracking.from_config(cfg, run_dir, data, threat)  # opt-in, None when off
 
     tracker = build_tracker(
         cfg.logger,
@@ -164,6 +190,7 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
     trainer = Trainer(
         cfg, run_dir, data, model, defense, optimizer, threat, addons=addons,
         tracker=tracker, checkpoint_extra=meta, on_epoch_end=record_epoch,
+        callbacks=[instance_tracking] if instance_tracking is not None else [],
     )  # fmt: skip
     print(f"run dir: {run_dir}\ndata: {data.summary()}\ndevice: {device}", flush=True)
     try:
@@ -172,12 +199,28 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
             print(f"resumed from {last} after epoch {trainer.epoch}", flush=True)
         trainer.fit()
         record_epoch({})
+        if instance_tracking is not None:
+            plot = instance_tracking.finish(tracker)
+            tracked = {"file": str(instance_tracking.path), "plot": plot and str(plot)}
+            results["train"]["instance_tracking"] = tracked
         results["eval"] = evaluate_checkpoints(cfg, trainer, data, threat, tracker)
+        gap = suite_gap(results["eval"])
+        if gap is not None:
+            results["eval"]["gap"] = gap  # robust overfitting: best minus last, per attack
+            tracker.summary({f"eval/gap/{k}": v for k, v in gap.items()})
         write_results(results, results_path)
-    except BaseException:
+    except BaseException as err:
+        if isinstance(err, SystemExit):
+            # A stop signal (submitit requeues a preempted/timed-out job by exiting from its handler):
+            # the run resumes later into the same W&B run, so it is preempted, not failed.
+            tracker.mark_preempting()
         tracker.finish(exit_code=1)
         raise
     print(format_table(results["eval"]), flush=True)
+    if format_gap(results["eval"].get("gap")):
+        print(format_gap(results["eval"].get("gap")), flush=True)
     print(f"results: {results_path}", flush=True)
+    for kind in ("best", "last"):  # W&B model artifact versions with aliases (logger.log_checkpoints)
+        tracker.log_checkpoint(run_dir / f"{kind}.pt", aliases=[kind])
     tracker.finish(exit_code=0)
     return results

@@ -2,6 +2,11 @@
 
 The step never reads a value back to the host: it returns detached device tensors that the trainer
 accumulates and reads once per logging interval.
+
+Fast path (`FastPath`, DESIGN.md §6): forwards run under bf16 autocast when `amp` is on (the attack's
+objective, the clean reference, weight-perturbation proxies and the outer forwards); gradients are
+taken outside autocast. The attack's delta and x_adv stay fp32 in [0, 1]: autocast casts only inside
+the model's matmuls and convolutions, and the gradient w.r.t. the fp32 input comes back in fp32.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from robust_train.addons.base import Addon
 from robust_train.attacks import Objective
 from robust_train.defenses.base import Defense
 from robust_train.models.features import forward_with_features
+from robust_train.training.fastpath import FastPath
 from robust_train.training.forwards import CleanReference, StepForwards
 
 
@@ -28,8 +34,11 @@ class TrainStep:
         defense: Defense,
         optimizer: torch.optim.Optimizer,
         addons: Sequence[Addon] = (),
+        fast: FastPath | None = None,
     ) -> None:
         self.model = model
+        # Default: the plain fp32 eager path (bit-identical to a step without any fast-path code).
+        self.fast = fast or FastPath()
         self.defense = defense
         self.optimizer = optimizer
         self.addons = list(addons)
@@ -38,20 +47,23 @@ class TrainStep:
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> Objective:
         """The base inner loss plus every add-on's per-example term, from one forward per attack step."""
         clean = CleanReference(x, self.layers)
-        defense, addons, layers = self.defense, self.addons, self.layers
+        defense, addons, layers, fast = self.defense, self.addons, self.layers, self.fast
 
         def combined(model: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
-            if layers:
-                logits, feats = forward_with_features(model, x_adv, layers)
-            else:
-                logits, feats = model(x_adv), {}
-            base = defense.inner_loss(logits, y, clean, model)
-            total = base
-            for addon in addons:
-                extra = addon.inner_objective(x_adv, y, logits, feats, clean, model, base)
-                if extra is not None:
-                    total = total + extra
-            return total
+            # Only the forward and the loss run under autocast; the attack differentiates outside it.
+            with fast.autocast():
+                if layers:
+                    logits, feats = forward_with_features(model, x_adv, layers)
+                else:
+                    logits, feats = model(x_adv), {}
+                base = defense.inner_loss(logits, y, clean, model)
+                total = base
+                for addon in addons:
+                    extra = addon.inner_objective(x_adv, y, logits, feats, clean, model, base)
+                    if extra is not None:
+                        total = total + extra
+            # Full-precision per-example losses: restarts compare them; the sum's gradient seeds backward.
+            return fast.full_precision(total)
 
         return combined
 
@@ -65,26 +77,35 @@ class TrainStep:
             return self.defense.craft(self.model, x, y, self.objective(x, y))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.fast.prepare_input(x)
         x_adv = self.craft(x, y)
         self.model.train()
         contexts = [a.forward_context for a in self.addons]
+        fast = self.fast
 
         def base_loss(module: nn.Module) -> torch.Tensor:
-            return self.defense.outer_loss(StepForwards(module, x, y, x_adv, self.layers, contexts)).loss
+            with fast.autocast():
+                out = StepForwards(module, x, y, x_adv, self.layers, contexts)
+                return fast.full_precision(self.defense.outer_loss(out).loss)
 
         with ExitStack() as stack:
-            if self.defense.awp is not None:
-                stack.enter_context(self.defense.awp.weight_perturbation(self.model, base_loss))
-            for addon in self.addons:
-                stack.enter_context(addon.weight_perturbation(self.model, x, y, x_adv, base_loss))
-            out = StepForwards(self.model, x, y, x_adv, self.layers, contexts)
-            result = self.defense.outer_loss(out)
-            loss = result.loss
-            terms = dict(result.terms)
-            for addon in self.addons:
-                for key, term in addon.outer_loss(out, result).items():
-                    loss = loss + term
-                    terms[f"{addon.name}/{key}"] = term.detach()
+            with fast.autocast():
+                # Weight perturbations are entered under autocast because their own forwards (proxy
+                # losses, ISEAT's references) are training forwards; the gradients they take inside run
+                # in the dtypes those forwards saved. They stay open through backward and the update.
+                if self.defense.awp is not None:
+                    stack.enter_context(self.defense.awp.weight_perturbation(self.model, base_loss))
+                for addon in self.addons:
+                    stack.enter_context(addon.weight_perturbation(self.model, x, y, x_adv, base_loss))
+                out = StepForwards(self.model, x, y, x_adv, self.layers, contexts)
+                result = self.defense.outer_loss(out)
+                loss = result.loss
+                terms = dict(result.terms)
+                for addon in self.addons:
+                    for key, term in addon.outer_loss(out, result).items():
+                        loss = loss + term
+                        terms[f"{addon.name}/{key}"] = term.detach()
+                loss = fast.full_precision(loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,13 @@ from robust_train.attacks import PGD, Clean, ThreatModel
 from robust_train.config import to_float
 from robust_train.data import DataBundle, augment_batch, batch_indices
 from robust_train.defenses.base import Defense
+from robust_train.errors import NumericalError
 from robust_train.evaluation.suite import evaluate_accuracy
 from robust_train.tracking.checkpoint import rng_state, save_checkpoint, set_rng_state
 from robust_train.tracking.wandb_run import Tracker
+from robust_train.training.fastpath import FastPath
 from robust_train.training.schedule import lr_at
+from robust_train.training.signals import DEFAULT_SIGNALS, StopSignals
 from robust_train.training.step import TrainStep
 
 # Offset of the data-order/augmentation generator's seed from the run seed, so it never shares a
@@ -43,6 +48,7 @@ class Trainer:
         tracker: Tracker | None = None,
         checkpoint_extra: dict[str, Any] | None = None,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        callbacks: Sequence[Any] = (),
     ) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
@@ -56,8 +62,12 @@ class Trainer:
         self.tracker = tracker or Tracker()
         self.checkpoint_extra = checkpoint_extra or {}
         self.on_epoch_end = on_epoch_end
+        # Opt-in measurements (training/callbacks.py): on_epoch_end(trainer, epochs_done) -> metrics,
+        # run before the checkpoint so their metrics land in the history, W&B and last.pt.
+        self.callbacks = list(callbacks)
         self.device = data.train_x.device
-        self.step = TrainStep(model, defense, optimizer, self.addons)
+        fast = FastPath.from_config(self.tcfg.get("fast"), self.device)  # trainer.fast (DESIGN.md §6)
+        self.step = TrainStep(model, defense, optimizer, self.addons, fast)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(cfg.seed) + DATA_SEED_OFFSET)
         self.base_lr = to_float(self.tcfg.optimizer.lr, "trainer.optimizer.lr")
@@ -65,6 +75,17 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.best: dict[str, Any] = {"epoch": None, "val_robust_acc": None}
         self.history: list[dict[str, Any]] = []
+        # Numerical faults (trainer.nan): stop (default) or skip the batch up to max_skips times.
+        nan = self.tcfg.get("nan") or {}
+        self.nan_policy = str(nan.get("policy", "stop"))
+        self.max_skips = int(nan.get("max_skips", 0))
+        self.max_term = to_float(nan.get("max_term", 1.0e6), "trainer.nan.max_term")
+        self.skipped_steps: list[dict[str, Any]] = []
+        self._skipped_now = False
+        # Preemption signals (trainer.stop_signals): checkpoint at the next step boundary.
+        self.stop_signals = list(self.tcfg.get("stop_signals", DEFAULT_SIGNALS) or [])
+        self.signals: StopSignals | None = None
+        self._resume: dict[str, Any] | None = None  # a mid-epoch checkpoint to continue from
         val = self.tcfg.validation
         self.val_attacks = {
             "clean": Clean(),
@@ -79,8 +100,13 @@ class Trainer:
         }
 
     # ----------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly where this epoch ended."""
+    def state_dict(self, mid_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything needed to continue exactly where training stands.
+
+        At an epoch boundary `mid_epoch` is None. After a stop signal it holds the running epoch, the
+        next batch index, the epoch's batch order and the device-side accumulators; the data
+        generator, RNG, optimizer, add-on and defense states are then those after that batch.
+        """
         return {
             **self.checkpoint_extra,
             "epoch": self.epoch,
@@ -93,55 +119,126 @@ class Trainer:
             "defense": self.defense.state_dict(),
             "addons": {a.name: a.state_dict() for a in self.addons},
             "wandb_run_id": self.tracker.run_id,
+            "skipped_steps": list(self.skipped_steps),
+            "mid_epoch": mid_epoch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["data_generator"].to("cpu"))
-        set_rng_state(state["rng"])
         self.epoch = int(state["epoch"])
         self.best = dict(state["best"])
         self.history = list(state["history"])
+        self.skipped_steps = list(state.get("skipped_steps") or [])
+        self._restore_volatile(state)
+        mid = state.get("mid_epoch")
+        self._resume = state if mid else None
+        if mid:
+            print(
+                f"resuming inside epoch {int(mid['epoch']) + 1} at step {int(mid['next_batch']) + 1}",
+                flush=True,
+            )
+
+    def _restore_volatile(self, state: dict[str, Any]) -> None:
+        """The states that `on_epoch_start` hooks may touch: RNGs, data generator, defense and add-ons."""
+        self.generator.set_state(state["data_generator"].to("cpu"))
+        set_rng_state(state["rng"])
         self.defense.load_state_dict(state.get("defense") or {})
         for addon in self.addons:
             addon.load_state_dict(state.get("addons", {}).get(addon.name, {}))
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str, mid_epoch: dict[str, Any] | None = None) -> Path:
         path = self.run_dir / name
-        save_checkpoint(self.state_dict(), path)
+        save_checkpoint(self.state_dict(mid_epoch), path)
         return path
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> list[dict[str, Any]]:
-        """Train from `self.epoch` to the configured number of epochs."""
-        for epoch in range(self.epoch, self.epochs):
-            self.defense.on_epoch_start(epoch)
-            for addon in self.addons:
-                addon.on_epoch_start(epoch)
-            record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-            for addon in self.addons:
-                record.update(
-                    {f"train/{k}" if "/" not in k else k: v for k, v in addon.epoch_metrics().items()}
-                )
-            if (epoch + 1) % int(self.tcfg.validation.every) == 0 or epoch + 1 == self.epochs:
-                record.update(self.validate())
-            self.epoch = epoch + 1
-            improved = record.get("val/robust_acc") is not None and (
-                self.best["val_robust_acc"] is None or record["val/robust_acc"] > self.best["val_robust_acc"]
-            )
-            if improved:
-                self.best = {"epoch": epoch + 1, "val_robust_acc": record["val/robust_acc"]}
-            self.history.append(record)
-            # last.pt first: a crash between the two writes loses no progress.
-            self.save("last.pt")
-            if improved:
-                self.save("best.pt")
-            self.tracker.log(record)
-            self._print_epoch(record, improved)
-            if self.on_epoch_end is not None:
-                self.on_epoch_end(record)
+        """Train from `self.epoch` (or the saved mid-epoch step) to the configured number of epochs."""
+        with StopSignals(self.stop_signals) as signals, self._skip_guard():
+            self.signals = signals
+            try:
+                for epoch in range(self.epoch, self.epochs):
+                    self._fit_epoch(epoch)
+                    if signals.requested is not None:
+                        # Caught during validation or the epoch's checkpoints: last.pt is this epoch's.
+                        self._interrupt(epoch, None, self.run_dir / "last.pt")
+            finally:
+                self.signals = None
         return self.history
+
+    def _fit_epoch(self, epoch: int) -> None:
+        self.defense.on_epoch_start(epoch)
+        for addon in self.addons:
+            addon.on_epoch_start(epoch)
+        mid = None
+        if self._resume is not None and int(self._resume["mid_epoch"]["epoch"]) == epoch:
+            mid = self._resume["mid_epoch"]
+            # on_epoch_start may reset schedules or accumulators or draw random numbers: put back the
+            # exact state saved mid-epoch on top of it, so the rest of the epoch matches a straight run.
+            self._restore_volatile(self._resume)
+        self._resume = None
+        stats = self.train_epoch(epoch) if mid is None else self.train_epoch(epoch, mid)
+        record = {"epoch": epoch + 1, **stats}
+        for addon in self.addons:
+            record.update({f"train/{k}" if "/" not in k else k: v for k, v in addon.epoch_metrics().items()})
+        if (epoch + 1) % int(self.tcfg.validation.every) == 0 or epoch + 1 == self.epochs:
+            record.update(self.validate())
+        for callback in self.callbacks:
+            record.update(callback.on_epoch_end(self, epoch + 1))
+        self.epoch = epoch + 1
+        improved = record.get("val/robust_acc") is not None and (
+            self.best["val_robust_acc"] is None or record["val/robust_acc"] > self.best["val_robust_acc"]
+        )
+        if improved:
+            self.best = {"epoch": epoch + 1, "val_robust_acc": record["val/robust_acc"]}
+        self.history.append(record)
+        # last.pt first: a crash between the two writes loses no progress.
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+        self.tracker.log(record)
+        self._print_epoch(record, improved)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(record)
+
+    def _interrupt(self, epoch: int, step: int | None, path: Path) -> None:
+        assert self.signals is not None and self.signals.requested is not None
+        where = f"epoch {epoch + 1}, step {step}" if step is not None else f"the end of epoch {epoch + 1}"
+        self.signals.deliver(
+            f"robust-train: stopped by {self.signals.requested.name} at {where}; checkpoint {path} written. "
+            f"Rerun the same command with hydra.run.dir={self.run_dir} to resume (exit code 75)."
+        )
+
+    @contextmanager
+    def _skip_guard(self) -> Iterator[None]:
+        """Under trainer.nan.policy=skip, turn an optimizer step with non-finite gradients into a no-op.
+
+        Knowing before the update costs one host sync per step, which only this policy pays: a step
+        pre-hook reduces the gradient norms on the device and reads one flag. Dropping every `.grad`
+        makes SGD (and every torch optimizer) leave parameters and momentum untouched; the trainer
+        then puts back the parameters and BatchNorm buffers that the forward or a weight perturbation
+        may have changed.
+        """
+        if self.nan_policy != "skip":
+            yield
+            return
+
+        def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if not params:
+                return
+            total = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]).sum()
+            if not bool(torch.isfinite(total)):
+                for p in params:
+                    p.grad = None
+                self._skipped_now = True
+
+        handle = self.optimizer.register_step_pre_hook(pre_hook)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _batches(self, n: int) -> list[torch.Tensor]:
         drop_last = bool(self.tcfg.get("drop_last", False))
@@ -151,17 +248,46 @@ class Trainer:
         limit = self.tcfg.get("max_batches")
         return idx[: int(limit)] if limit else idx
 
-    def train_epoch(self, epoch: int) -> dict[str, Any]:
+    def _skip_step(self, epoch: int, i: int, n_batches: int, metrics: dict[str, torch.Tensor]) -> None:
+        terms = {k: float(v) for k, v in metrics.items() if k != "correct"}
+        self.skipped_steps.append({"epoch": epoch + 1, "step": i + 1, "terms": terms})
+        text = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        where = f"epoch {epoch + 1}, step {i + 1}/{n_batches}"
+        if len(self.skipped_steps) > self.max_skips:
+            raise NumericalError(
+                f"training stopped: non-finite gradients at {where} ({text}), more than "
+                f"trainer.nan.max_skips={self.max_skips} skipped batches; last.pt holds the last good "
+                "state. Lower trainer.optimizer.lr or an add-on's strength"
+            )
+        print(
+            f"warning: skipped the batch at {where}: non-finite gradients ({text}); "
+            f"{len(self.skipped_steps)}/{self.max_skips} skips used",
+            flush=True,
+        )
+
+    def train_epoch(self, epoch: int, mid: dict[str, Any] | None = None) -> dict[str, Any]:
         data, ds = self.data, self.cfg.dataset
-        batches = self._batches(data.train_x.shape[0])
-        n_batches = len(batches)
         log_every = int(self.tcfg.log_every)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        term_sums: dict[str, torch.Tensor] = {}
-        seen = 0
+        if mid is None:
+            batches = self._batches(data.train_x.shape[0])
+            first = 0
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), dtype=torch.long, device=self.device)
+            term_sums: dict[str, torch.Tensor] = {}
+            seen, elapsed_before = 0, 0.0
+        else:
+            batches = [b.to(self.device) for b in mid["batches"]]
+            first = int(mid["next_batch"])
+            loss_sum = mid["loss_sum"].to(self.device)
+            correct = mid["correct"].to(self.device)
+            term_sums = {k: v.to(self.device) for k, v in mid["term_sums"].items()}
+            seen, elapsed_before = int(mid["seen"]), float(mid["elapsed"])
+        n_batches = len(batches)
+        guard = NanGuard(self.device, self.max_term)
+        skip = self.nan_policy == "skip"
         bar = tqdm(
             total=n_batches,
+            initial=first,
             desc=f"epoch {epoch + 1}/{self.epochs}",
             disable=not self.tcfg.get("progress", True),
             unit="batch",
@@ -170,7 +296,8 @@ class Trainer:
         )
         start = time.perf_counter()
         lr = self.base_lr
-        for i, idx in enumerate(batches):
+        for i in range(first, n_batches):
+            idx = batches[i]
             lr = lr_at(self.tcfg.schedule, self.base_lr, self.epochs, epoch, i, n_batches)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -182,29 +309,53 @@ class Trainer:
                 generator=self.generator,
             )
             y = data.train_y[idx]
+            snapshot = [t.detach().clone() for t in self.model.state_dict().values()] if skip else None
+            self._skipped_now = False
             metrics = self.step(x, y)
-            loss_sum += metrics["loss"] * y.shape[0]
-            correct += metrics["correct"]
-            for key, value in metrics.items():
-                if key not in ("loss", "correct"):
-                    # Loss terms (base and add-on) accumulate on the device; read once per epoch.
-                    term_sums[key] = term_sums.get(key, 0.0) + value.float() * y.shape[0]
-            seen += y.shape[0]
-            if (i + 1) % log_every == 0 or i + 1 == n_batches:
-                # The only host sync of the loop: once per logging interval.
+            if self._skipped_now and snapshot is not None:
+                with torch.no_grad():
+                    for t, saved in zip(self.model.state_dict().values(), snapshot, strict=True):
+                        t.copy_(saved)
+                self._skip_step(epoch, i, n_batches, metrics)
+            else:
+                guard.update(metrics, i)
+                loss_sum += metrics["loss"] * y.shape[0]
+                correct += metrics["correct"]
+                for key, value in metrics.items():
+                    if key not in ("loss", "correct"):
+                        # Loss terms (base and add-on) accumulate on the device; read once per epoch.
+                        term_sums[key] = term_sums.get(key, 0.0) + value.float() * y.shape[0]
+                seen += y.shape[0]
+            stop = self.signals is not None and self.signals.requested is not None
+            if (i + 1) % log_every == 0 or i + 1 == n_batches or stop:
+                # The only host syncs of the loop: once per logging interval (and before a checkpoint).
+                guard.check(epoch, n_batches, i)
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(
-                    loss=f"{loss_sum.item() / seen:.4f}",
-                    acc=f"{100.0 * correct.item() / seen:.2f}",
+                    loss=f"{loss_sum.item() / max(seen, 1):.4f}",
+                    acc=f"{100.0 * correct.item() / max(seen, 1):.2f}",
                     img_s=f"{seen / max(elapsed, 1e-9):.0f}",
                     lr=f"{lr:.4g}",
                     refresh=False,
                 )
             bar.update(1)
+            if stop:
+                bar.close()
+                mid_state = {
+                    "epoch": epoch,
+                    "next_batch": i + 1,
+                    "batches": batches,
+                    "loss_sum": loss_sum,
+                    "correct": correct,
+                    "term_sums": term_sums,
+                    "seen": seen,
+                    "elapsed": elapsed_before + time.perf_counter() - start,
+                }
+                self._interrupt(epoch, i + 1, self.save("last.pt", mid_state))
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
+        elapsed = elapsed_before + time.perf_counter() - start
         terms = {f"train/{key}": float(total) / max(seen, 1) for key, total in term_sums.items()}
         return {
             **terms,
@@ -246,3 +397,52 @@ class Trainer:
             ]
         parts += [f"{r['train/img_per_s']:.0f} img/s", f"{r['train/epoch_s']:.1f} s"]
         print("  ".join(parts) + ("  *best" if improved else ""), flush=True)
+
+
+class NanGuard:
+    """Watches the step's loss and terms for non-finite or exploding values without a per-step sync.
+
+    Each step adds a few device ops: is any value non-finite or above `max_term` in magnitude, and if
+    this is the first bad step, remember its index and values. `check` reads the flag once per
+    logging interval (where the loop syncs anyway) and stops training with a message naming the epoch,
+    the first bad step and its loss terms. The weights updated after that step are never checkpointed:
+    `last.pt` keeps the state of the last finished epoch (or of the last stop signal).
+    """
+
+    def __init__(self, device: torch.device, max_term: float) -> None:
+        self.device = device
+        self.max_term = max_term
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.keys: list[str] | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(self, metrics: dict[str, torch.Tensor], step: int) -> None:
+        if self.keys is None:
+            self.keys = [k for k in metrics if k != "correct"]
+            self.values = torch.zeros(len(self.keys), device=self.device)
+        zero = torch.zeros((), device=self.device)
+        vals = torch.stack(
+            [metrics[k].detach().float().reshape(()) if k in metrics else zero for k in self.keys]
+        )
+        bad = ~torch.isfinite(vals).all() | (vals.abs() > self.max_term).any()
+        first = bad & ~self.bad
+        self.first_step = torch.where(first, step, self.first_step)
+        self.values = torch.where(first, vals, self.values)
+        self.bad = self.bad | bad
+
+    def check(self, epoch: int, n_batches: int, detected_at: int) -> None:
+        """Raise NumericalError if any step since the epoch started was bad (one host sync)."""
+        if self.keys is None or not bool(self.bad):
+            return
+        step = int(self.first_step) + 1
+        values = self.values.tolist() if self.values is not None else []
+        finite = all(math.isfinite(v) for v in values)
+        kind = f"exploding (a term above trainer.nan.max_term={self.max_term:g})" if finite else "non-finite"
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.keys, values, strict=True))
+        raise NumericalError(
+            f"training stopped: {kind} loss at epoch {epoch + 1}, step {step}/{n_batches} ({terms}); "
+            f"detected at step {detected_at + 1} (checked every trainer.log_every steps). The weights after "
+            "it are not saved: last.pt holds the last good state. Lower trainer.optimizer.lr or an "
+            "add-on's strength, or set trainer.nan.policy=skip with trainer.nan.max_skips=N"
+        )

@@ -21,7 +21,8 @@ def test_save_and_load_round_trip(tmp_path, tiny_model) -> None:
     assert state["epoch"] == 3
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(state["model"][k], v)
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+    # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
 
 
 def test_failed_write_keeps_previous_file(tmp_path, monkeypatch) -> None:
@@ -38,7 +39,7 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch) -> None:
         save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
 
 
 def test_truncated_missing_and_foreign_files_are_refused(tmp_path) -> None:

@@ -1,0 +1,186 @@
+"""Runs as the report sees them: read from local results.json files or pulled from a W&B project."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from robust_train.errors import ResultsError
+
+RESULTS_FILE = "results.json"
+ERROR_FILE = "error.json"  # written by the CLI into a multirun job's dir when the job failed
+
+
+@dataclass
+class RunRecord:
+    """One training run: its config, per-checkpoint accuracies and validation history."""
+
+    name: str
+    config: dict[str, Any]
+    seed: int | None
+    # checkpoint kind (best/last) -> {"epoch": int | None, "attacks": {attack: {"accuracy", "eps", "time_s"}}}
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "finished"  # finished | incomplete (no evaluation yet) | failed
+    error: str | None = None
+    n_examples: int | None = None
+
+    @property
+    def paper(self) -> dict[str, Any] | None:
+        paper = self.config.get("paper")
+        return paper if isinstance(paper, dict) and paper.get("results") else None
+
+
+def parse_eps(value: Any) -> float | None:
+    """An epsilon as written in configs: a number or a fraction string like '8/255'."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(Fraction(str(value).strip()))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _checkpoints_from_eval(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for kind, entry in evaluation.items():
+        if not isinstance(entry, dict) or "attacks" not in entry:
+            continue
+        attacks = {}
+        for name, a in entry["attacks"].items():
+            spec = a.get("attack") or {}
+            attacks[name] = {
+                "accuracy": float(a["accuracy"]),
+                "eps": parse_eps(spec.get("eps")),
+                "time_s": a.get("time_s"),
+            }
+        out[kind] = {"epoch": entry.get("epoch"), "attacks": attacks}
+    return out
+
+
+def read_results(path: Path) -> RunRecord:
+    """One run from its results.json."""
+    try:
+        res = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ResultsError(f"cannot read {path}: {err}") from err
+    if not isinstance(res, dict) or "config" not in res:
+        raise ResultsError(f"{path} is not a robust-train results.json (no 'config' key)")
+    run_dir = Path(path).parent
+    checkpoints = _checkpoints_from_eval(res.get("eval") or {})
+    train = res.get("train") or {}
+    return RunRecord(
+        name=str(run_dir),
+        config=res["config"],
+        seed=res.get("seed", res["config"].get("seed")),
+        checkpoints=checkpoints,
+        history=list(train.get("history") or []),
+        status="finished" if checkpoints else "incomplete",
+        n_examples=(res.get("eval") or {}).get("n_examples"),
+    )
+
+
+def load_local_runs(paths: list[Path]) -> list[RunRecord]:
+    """Every run below the given run or sweep directories (results.json; failed jobs from error.json)."""
+    runs: list[RunRecord] = []
+    seen: set[Path] = set()
+    for root in paths:
+        root = Path(root)
+        if not root.exists():
+            raise ResultsError(f"{root} does not exist (give run or sweep directories)")
+        candidates = (
+            [root] if root.is_file() else sorted(root.rglob(RESULTS_FILE)) + sorted(root.rglob(ERROR_FILE))
+        )
+        for f in candidates:
+            run_dir = f.parent.resolve()
+            if run_dir in seen or "wandb" in f.parts:
+                continue
+            seen.add(run_dir)
+            error = f.parent / ERROR_FILE
+            results = f.parent / RESULTS_FILE
+            record = read_results(results) if results.exists() else None
+            if error.exists():
+                try:
+                    info = json.loads(error.read_text())
+                except (OSError, ValueError):
+                    info = {}
+                if record is None:
+                    record = RunRecord(name=str(f.parent), config={}, seed=None)
+                record.status, record.error = "failed", str(info.get("error", "unknown error"))
+                if info.get("overrides"):
+                    record.error = f"{' '.join(info['overrides'])}: {record.error}"
+            if record is not None:
+                runs.append(record)
+    if not runs:
+        raise ResultsError(f"no {RESULTS_FILE} under {' '.join(str(p) for p in paths)}")
+    return runs
+
+
+# ----------------------------------------------------------------------------- W&B
+
+_HISTORY_KEYS = ["epoch", "val/clean_acc", "val/robust_acc"]
+_STATE = {"finished": "finished", "failed": "failed", "crashed": "failed", "killed": "failed"}
+
+
+def _wandb_record(run: Any) -> RunRecord:
+    """A RunRecord from a wandb.apis.public.Run (config, summary 'eval/<kind>/<attack>', history)."""
+    config = dict(run.config)
+    summary = dict(run.summary)
+    checkpoints: dict[str, dict[str, Any]] = {}
+    eps = parse_eps((config.get("threat") or {}).get("eps"))
+    for key, value in summary.items():
+        parts = key.split("/")
+        # eval/<kind>/<attack> holds the accuracy; eval/<kind>/<attack>/time_s the timing.
+        if len(parts) == 3 and parts[0] == "eval" and parts[1] != "gap" and isinstance(value, int | float):
+            entry = checkpoints.setdefault(
+                parts[1], {"epoch": summary.get(f"eval_epoch/{parts[1]}"), "attacks": {}}
+            )
+            slot = entry["attacks"].setdefault(parts[2], {"eps": eps, "time_s": None})
+            slot["accuracy"] = float(value)
+        elif len(parts) == 4 and parts[0] == "eval" and parts[3] == "time_s":
+            entry = checkpoints.setdefault(
+                parts[1], {"epoch": summary.get(f"eval_epoch/{parts[1]}"), "attacks": {}}
+            )
+            entry["attacks"].setdefault(parts[2], {"eps": eps})["time_s"] = value
+    for entry in checkpoints.values():
+        entry["attacks"] = {k: v for k, v in entry["attacks"].items() if "accuracy" in v}
+    history = [dict(row) for row in run.scan_history(keys=_HISTORY_KEYS)]
+    state = _STATE.get(str(getattr(run, "state", "finished")), "incomplete")
+    return RunRecord(
+        name=f"{run.name} ({run.id})",
+        config=config,
+        seed=config.get("seed"),
+        checkpoints=checkpoints,
+        history=history,
+        status=state if (checkpoints or state == "failed") else "incomplete",
+        error=f"W&B state {run.state}" if state == "failed" else None,
+        n_examples=summary.get("eval/n_examples"),
+    )
+
+
+def load_wandb_runs(project: str, group: str | None = None, api: Any = None) -> list[RunRecord]:
+    """The runs of a W&B project ("entity/project"), optionally one group (sweep) only."""
+    if "/" not in project:
+        raise ResultsError(f"--wandb takes ENTITY/PROJECT, got {project!r}")
+    if api is None:
+        import wandb
+
+        try:
+            api = wandb.Api()
+        except Exception as err:  # no API key, no network: say so in one line
+            raise ResultsError(f"cannot reach the W&B API ({type(err).__name__}: {err})") from err
+    filters = {"group": group} if group else None
+    try:
+        runs = [_wandb_record(r) for r in api.runs(project, filters=filters)]
+    except ResultsError:
+        raise
+    except Exception as err:
+        raise ResultsError(f"cannot read runs of {project} from W&B ({type(err).__name__}: {err})") from err
+    if not runs:
+        raise ResultsError(f"no runs in W&B project {project}" + (f" group {group}" if group else ""))
+    return runs

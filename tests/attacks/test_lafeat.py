@@ -1,0 +1,266 @@
+"""LAFEAT (base spec §8 and its §10 properties): heads, cache, attack loop, orchestration, configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from feature_attack_helpers import SmallNet, trained_small_net
+from torch import nn
+
+from robust_train.attacks import LAFEAT, PGD, ThreatModel, build_attack
+from robust_train.attacks.lafeat import LatentHead, beta_order, default_layers, model_fingerprint
+from robust_train.data import to_float
+from robust_train.errors import ConfigError
+from robust_train.models import build_model, forward_with_features
+
+EPS = 0.1  # the mnist5k threat model
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict:
+    return trained_small_net()
+
+
+def _lafeat(trained: dict, tmp_path, **kw) -> LAFEAT:
+    args = dict(iterations=10, layer="block2", head_epochs=2, head_data=trained["train_x"][:256],
+                head_channels=16, head_hidden=32, cache_dir=tmp_path / "cache")  # fmt: skip
+    args.update(kw)
+    return LAFEAT(ThreatModel("linf", EPS), **args)
+
+
+def test_beta_order_interleaves_from_the_middle() -> None:
+    betas = [round(0.1 * i, 10) for i in range(10)]
+    assert beta_order(betas) == [0.4, 0.5, 0.3, 0.6, 0.2, 0.7, 0.1, 0.8, 0.0, 0.9]
+    assert beta_order(betas, schedule=False) == betas
+    assert sorted(beta_order([0.0, 0.5, 1.0])) == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("shape,flat", [((640, 8, 8), 256), ((512, 4, 4), 64), ((7, 1, 1), 64), ((32,), 32)])
+def test_head_template_fits_any_feature_shape(shape, flat) -> None:
+    head = LatentHead(shape, num_classes=10)
+    first_linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
+    assert first_linear.in_features == flat and first_linear.out_features == 256
+    assert head(torch.zeros(2, *shape)).shape == (2, 10)
+    if len(shape) == 3 and shape[1] >= 4:  # the official template: two k2 s2 convs, no bias
+        convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+        assert [(c.kernel_size, c.stride, c.bias) for c in convs] == [((2, 2), (2, 2), None)] * 2
+
+
+def test_default_layers_follow_the_architecture_table() -> None:
+    def arch(name: str) -> nn.Module:
+        return build_model(name, 10, [0.5] * 3, [0.25] * 3, width=0.0625)
+
+    assert default_layers(arch("wrn34_10")) == (
+        "block3.layer.3",
+        ["block3.layer.1", "block3.layer.2", "block3.layer.3", "block3.layer.4"],
+    )
+    assert default_layers(arch("preact_resnet18")) == ("layer4.0", ["layer3.1", "layer4.0"])
+    assert default_layers(arch("resnet18")) == ("layer4.0", ["layer3.1", "layer4.0"])
+    layer, heads = default_layers(arch("wrn28_10"))  # the generic rule: penultimate block
+    assert layer == "block3.layer.2" and heads[-1] == "block3.layer.3" and layer in heads
+    with pytest.raises(ConfigError, match="layer"):
+        default_layers(SmallNet())
+
+
+def test_output_in_ball_and_box_and_misclassified_points_unchanged(trained, tmp_path) -> None:
+    model, x, y = trained["model"], trained["x"].clone(), trained["y"]
+    x[0], x[1] = 0.0, 1.0  # box boundary
+    attack = _lafeat(trained, tmp_path, iterations=4)
+    x_adv = attack(model, x, y)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv - x).abs().max() <= EPS
+    with torch.no_grad():
+        wrong = model(x).argmax(1) != y
+    assert wrong.any() and torch.equal(x_adv[wrong], x[wrong])
+    assert attack.forward_passes > 0 and attack.backward_passes > 0
+    report = attack.report
+    assert report["layer"] == "block2" and len(report["runs"]) == 10
+    accs = [r["robust_accuracy"] for r in report["runs"]]
+    assert accs == sorted(accs, reverse=True)  # every run only attacks points still robust
+
+
+def test_deterministic_and_second_evaluation_reuses_cached_heads(trained, tmp_path) -> None:
+    model, x, y = trained["model"], trained["x"], trained["y"]
+    kw = {"betas": [0.3, 0.6], "iterations": 5}
+    first = _lafeat(trained, tmp_path, **kw)
+    a = first(model, x, y)
+    assert first.heads_trained == 1 and first.report["heads"]["from_cache"] is False
+    second = _lafeat(trained, tmp_path, **kw)  # a new evaluation: heads come from the disk cache
+    b = second(model, x, y)
+    assert second.heads_trained == 0 and second.report["heads"]["from_cache"] is True
+    assert torch.equal(a, b)
+    assert second.report["heads"]["agreement_last_epoch"] == first.report["heads"]["agreement_last_epoch"]
+    second(model, x, y)  # the same weights again: the heads stay in memory
+    assert second.heads_trained == 0
+    # Other weights are another cache entry.
+    other = SmallNet().eval()
+    assert model_fingerprint(other) != model_fingerprint(model)
+    third = _lafeat(trained, tmp_path, betas=[0.0], iterations=1, head_epochs=1)
+    third(other, x[:4], y[:4])
+    assert third.heads_trained == 1
+
+
+def test_at_least_as_strong_as_pgd20(trained, tmp_path) -> None:
+    model, x, y = trained["model"], trained["x"], trained["y"]
+    threat = ThreatModel("linf", EPS)
+    torch.manual_seed(0)
+    x_pgd = PGD(threat, steps=20, step_size=EPS / 4)(model, x, y)
+    x_laf = _lafeat(trained, tmp_path, iterations=10)(model, x, y)
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+        pgd = (model(x_pgd).argmax(1) == y).float().mean().item()
+        laf = (model(x_laf).argmax(1) == y).float().mean().item()
+    assert pgd < clean  # the comparison is not vacuous
+    assert laf <= pgd
+
+
+def test_heads_learn_the_model_prediction_and_the_model_stays_frozen(tmp_path) -> None:
+    """Spec §10.3 and §10.5: labels are the model's predictions; the model is never updated."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    with torch.no_grad():
+        model.fc.bias.zero_()
+        model.fc.bias[3] = 100.0  # always predicts class 3
+    model.train()  # the attack must put it in eval mode and restore train mode after
+    modes: list[bool] = []
+    model.block1.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = (torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    attack = LAFEAT(ThreatModel("linf", EPS), iterations=1, layer="block2", head_epochs=15, head_data=images,
+                    head_channels=8, head_hidden=16, head_lr=1e-2, cache_dir=tmp_path)  # fmt: skip
+    x = to_float(images[:8])
+    attack(model, x, torch.full((8,), 3))
+    attack_modes = list(modes)
+    heads = attack._heads
+    assert attack.report["heads"]["agreement_last_epoch"]["block2"] == 100.0
+    with torch.no_grad():
+        _, feats = forward_with_features(model, x, ["block2"])
+        assert (heads["block2"](feats["block2"]).argmax(1) == 3).all()
+    assert attack_modes and not any(
+        attack_modes
+    )  # every forward of the attack and head training in eval mode
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _direct_apgd_cosine(model: nn.Module, x, y, eps: float, n: int, seed: int) -> torch.Tensor:
+    """β = 0 reference written from spec §8.2 alone: CE on margin-normalized logits, APGD momentum."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.rand(x.shape, generator=gen, dtype=torch.float64) * 2 - 1
+    t = t / t.reshape(x.shape[0], -1).abs().max(dim=1).values.reshape(-1, 1, 1, 1)
+    lo, hi = torch.clamp(x - eps, min=0), torch.clamp(x + eps, max=1)
+    cur = torch.clamp(x + eps * t, 0, 1)
+    prev = cur
+    for i in range(n):
+        step = eps * (1 + math.cos(math.pi * i / n))  # 2 eps (1 + cos) / 2
+        v = cur.clone().requires_grad_(True)
+        z = model(v)
+        top = z.detach().sort(dim=1, descending=True).values
+        scale = (top[:, 0] - top[:, 1] + 1e-8).reshape(-1, 1)
+        grad = torch.autograd.grad(F.cross_entropy(z / scale, y, reduction="sum"), v)[0]
+        keep = (z.detach().argmax(1) == y).double().reshape(-1, 1, 1, 1)
+        proposal = torch.min(torch.max(cur + keep * step * grad.sign(), lo), hi)
+        a = 1.0 if i == 0 else 0.75
+        nxt = torch.min(torch.max(cur + keep * (a * (proposal - cur) + (1 - a) * (cur - prev)), lo), hi)
+        prev, cur = cur, nxt
+    return cur
+
+
+def test_beta_zero_run_is_apgd_momentum_with_cosine_step_on_normalized_logits(trained) -> None:
+    model = SmallNet().double().eval()
+    model.load_state_dict({k: v.double() for k, v in trained["model"].state_dict().items()})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, y = trained["x"][:16].double(), trained["y"][:16]
+    attack = LAFEAT(ThreatModel("linf", EPS), iterations=7, layer="block2", head_data="attacked", seed=5)
+    head = LatentHead((16, 4, 4), 10, 8, 8).double()
+    ours = attack._run(model, head, "block2", x, y, beta=0.0, target=None)
+    ref = _direct_apgd_cosine(model, x, y, EPS - 1.9e-8, 7, seed=5)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_targeted_mode_adds_one_run_per_beta_and_target(trained, tmp_path) -> None:
+    model, x, y = trained["model"], trained["x"][:16], trained["y"][:16]
+    attack = _lafeat(trained, tmp_path, iterations=3, betas=[0.0, 0.5], targeted=True, n_targets=3)
+    x_adv = attack(model, x, y)
+    assert attack.name == "lafeat_targeted"
+    runs = attack.report["runs"]
+    assert [(r["beta"], r["target_rank"]) for r in runs] == [
+        (0.0, None), (0.5, None), (0.0, 2), (0.0, 3), (0.0, 4), (0.5, 2), (0.5, 3), (0.5, 4)
+    ]  # fmt: skip
+    assert (x_adv - x).abs().max() <= EPS and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_restores_mode_and_requires_grad_even_on_error(trained, tmp_path) -> None:
+    model = SmallNet().train()
+    model.fc.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    x, y = trained["x"][:4], trained["y"][:4]
+    _lafeat(trained, tmp_path, iterations=2, betas=[0.0], head_epochs=1)(model, x, y)
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    with pytest.raises(ConfigError, match="nope"):
+        _lafeat(trained, tmp_path, layer="nope")(model, x, y)
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"iterations": -1}, "iterations"),
+        ({"betas": [0.2, 1.5]}, "betas"),
+        ({"betas": []}, "betas"),
+        ({"head_epochs": 1.5}, "head_epochs"),
+        ({"head_lr": 0.0}, "head_lr"),
+        ({"head_data": "test"}, "head_data"),
+        ({"head_data": "train"}, "head_dataset"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_values_raise_config_error(kw, match) -> None:
+    args = {"head_data": "attacked", **kw}
+    with pytest.raises(ConfigError, match=match):
+        LAFEAT(ThreatModel("linf", EPS), **args)
+
+
+def test_l2_threat_is_refused() -> None:
+    with pytest.raises(ConfigError, match="L-inf"):
+        build_attack({"name": "lafeat", "head_data": "attacked"}, ThreatModel("l2", 0.5))
+
+
+def test_presets_compose_and_build(compose, tmp_path) -> None:
+    from robust_train.builders import threat_from_config
+    from robust_train.config import validate_train_config
+    from robust_train.evaluation import build_suite
+
+    cfg = compose(["eval=paper_slim", "logger=none", "+attack@eval.attacks.lafeat_full=lafeat_full"])
+    validate_train_config(cfg)
+    assert list(cfg.eval.attacks) == ["clean", "pgd20", "autoattack", "lafeat", "ssa", "lafeat_full"]
+    suite = build_suite(cfg.eval, threat_from_config(cfg.threat))
+    lafeat, full = suite["lafeat"], suite["lafeat_full"]
+    assert isinstance(lafeat, LAFEAT) and lafeat.iterations == 100 and not lafeat.targeted
+    assert lafeat.head_dataset["name"] == "mnist5k" and lafeat.head_epochs == 100
+    assert full.iterations == 1000 and full.targeted and full.describe()["n_targets"] == 9
+    assert lafeat.describe()["betas"] == [0.4, 0.5, 0.3, 0.6, 0.2, 0.7, 0.1, 0.8, 0.0, 0.9]
+    bad = compose(["eval=full", "logger=none", "eval.attacks.lafeat.head_epochs=-2",
+                   "eval.attacks.lafeat.betas=[0.1,3]"])  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        validate_train_config(bad)
+    assert "eval.attacks.lafeat.head_epochs" in str(err.value) and "eval.attacks.lafeat.betas.1" in str(
+        err.value
+    )
+    assert list(compose(["eval=default"]).eval.attacks) == ["clean", "pgd20", "cw20", "autoattack_lite"]
+
+
+def test_cache_dir_defaults_to_robust_train_cache(monkeypatch, tmp_path) -> None:
+    from robust_train.attacks.lafeat import default_cache_dir
+
+    monkeypatch.setenv("ROBUST_TRAIN_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "lafeat"
+    monkeypatch.delenv("ROBUST_TRAIN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "robust-train" / "lafeat"

@@ -1,0 +1,107 @@
+"""Stop signals: checkpoint at the next step boundary, exact mid-epoch resume, handler chaining."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from robust_train.tracking.checkpoint import load_checkpoint
+from robust_train.training.run import train_run
+from robust_train.training.signals import EXIT_INTERRUPTED, StopSignals, TrainingInterrupted
+from robust_train.training.step import TrainStep
+
+FAST = [
+    "debug=fast", "logger=none", "trainer.progress=false", "eval.checkpoints=[last]", "eval=quick",
+    "eval.n_examples=8", "dataset.train_limit=96", "trainer.batch_size=16", "trainer.max_batches=null",
+    "trainer.epochs=2", "trainer.validation.pgd_steps=1", "trainer.validation.max_examples=16",
+    "defense.attack.steps=2", "eval.sanity.enabled=false",
+]  # fmt: skip
+
+
+def _signal_after(monkeypatch, steps: int, sig: signal.Signals = signal.SIGTERM) -> list[int]:
+    """Send `sig` to this process from inside the `steps`-th training step (a real signal)."""
+    calls = [0]
+    original = TrainStep.__call__
+
+    def counting(self, x, y):
+        out = original(self, x, y)
+        calls[0] += 1
+        if calls[0] == steps:
+            os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(TrainStep, "__call__", counting)
+    return calls
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize(
+    "addons,stop_at",
+    [([], 3), (["addons=[iseat]", "addons.iseat.warm_start_epochs=0"], 8)],
+    ids=["plain", "iseat"],
+)
+def test_signal_mid_epoch_then_resume_matches_straight_run(compose, tmp_path, monkeypatch, addons, stop_at):
+    cfg = compose([*FAST, *addons])
+    train_run(cfg, tmp_path / "straight")
+
+    calls = _signal_after(monkeypatch, stop_at)
+    with pytest.raises(TrainingInterrupted) as info:
+        train_run(compose([*FAST, *addons]), tmp_path / "split")
+    assert info.value.code == EXIT_INTERRUPTED and "SIGTERM" in str(info.value)
+    state = load_checkpoint(tmp_path / "split" / "last.pt")
+    # 96 images / 16 = 6 steps per epoch: stop_at=3 is inside epoch 1, 8 inside epoch 2.
+    mid = state["mid_epoch"]
+    assert (
+        mid is not None and mid["epoch"] == (stop_at - 1) // 6 and mid["next_batch"] == (stop_at - 1) % 6 + 1
+    )
+    assert calls[0] == stop_at  # stopped at the boundary right after the signalled step
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.undo()
+
+    res = train_run(compose([*FAST, *addons]), tmp_path / "split")
+    assert res["train"]["epochs_completed"] == 2
+    _same_weights(tmp_path / "straight" / "last.pt", tmp_path / "split" / "last.pt")
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("straight", "split"))
+    assert [h["train/loss"] for h in a["history"]] == [h["train/loss"] for h in b["history"]]
+    assert b["mid_epoch"] is None
+
+
+def test_previous_python_handler_is_chained(compose, tmp_path, monkeypatch) -> None:
+    seen: list[int] = []
+
+    def launcher_handler(signum, frame):  # what submitit's requeue handler looks like to us
+        seen.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, launcher_handler)
+    try:
+        _signal_after(monkeypatch, 2, signal.SIGUSR1)
+        with pytest.raises(TrainingInterrupted):
+            train_run(compose([*FAST, "trainer.epochs=1"]), tmp_path / "run")
+        assert seen == [signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGUSR1) is launcher_handler  # put back after training
+        assert load_checkpoint(tmp_path / "run" / "last.pt")["mid_epoch"]["next_batch"] == 2
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_stop_signals_parse_and_refuse_uncatchable() -> None:
+    from robust_train.errors import ConfigError
+
+    with StopSignals(["TERM", "SIGUSR2"]) as s:
+        assert [x.name for x in s.signals] == ["SIGTERM", "SIGUSR2"]
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert s.requested == signal.SIGUSR2
+    with pytest.raises(ConfigError, match="SIGKILL"):
+        StopSignals(["SIGKILL"])
+    with pytest.raises(ConfigError, match="trainer.stop_signals"):
+        StopSignals(["SIGBOGUS"])
