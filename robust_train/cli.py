@@ -173,7 +173,7 @@ class SweepSummary(Callback):
                 failed.append((path, {"error": "unreadable error record"}))
         if not failed:
             return
-        lines = [f"robust-train: {len(failed)} job(s) of the sweep in {sweep_dir} failed:"]
+        lines = [f"{Path(sys.argv[0]).name}: {len(failed)} job(s) of the sweep in {sweep_dir} failed:"]
         for path, rec in failed:
             lines.append(f"  {path.parent}: {' '.join(rec.get('overrides') or [])}: {rec.get('error')}")
         print("\n".join(lines), file=sys.stderr, flush=True)

@@ -201,6 +201,19 @@ def _check_lafeat(c: _Checker, attack: Any, path: str) -> None:
         c.choice(attack, "bn_mode", path, BN_MODES)
 
 
+def _check_linf_only_attacks(c: _Checker, cfg: Any) -> None:
+    """LAFEAT inherits the run's norm unless it sets its own: refuse an L2 run before any training."""
+    norm = _get(cfg.threat, "norm")
+    for name, attack in (_get(cfg.eval, "attacks") or {}).items():
+        if attack is None or _get(attack, "name") != "lafeat" or _get(attack, "norm") is not None:
+            continue
+        if norm not in (None, "linf"):
+            c.problems.append(
+                f"eval.attacks.{name}: lafeat is an L-inf attack but threat.norm={norm!r}; set "
+                f"eval.attacks.{name}.norm=linf (with its own eps) or drop it with ~eval.attacks.{name}"
+            )
+
+
 def _check_ssa(c: _Checker, attack: Any, path: str, name: str) -> None:
     """SSA/SSAH keys (base spec §9); `ssa` is the preset without the low-frequency term."""
     c.number(attack, "iterations", path, lo=0, integer=True, optional=True)
@@ -461,6 +474,7 @@ def validate_train_config(cfg: Any) -> None:
     _check_fast(c, _get(t, "fast"))
     _check_nan(c, t)
     _check_eval(c, cfg.eval)
+    _check_linf_only_attacks(c, cfg)
     _check_sanity(c, cfg.eval)
     _check_logger(c, cfg.logger)
     _check_addon_strengths(c, cfg)

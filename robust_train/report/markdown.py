@@ -95,8 +95,8 @@ def render(groups: list[Group], runs: list[RunRecord], plots: list[str]) -> str:
             best = r.checkpoints.get("best") or next(iter(r.checkpoints.values()))
             robust = [a for a in best["attacks"] if a != "clean"]
             first = f"{robust[0]} {best['attacks'][robust[0]]['accuracy']:.2f}" if robust else "-"
-            run_rows.append([f"`{r.name}`", g.label, str(r.seed), r.status, first])
-    out += _table(["run", "method", "seed", "status", "first robust attack (best)"], run_rows)
+            run_rows.append([f"`{r.name}`", g.label, str(r.seed), r.status, first, _sanity_cell(r)])
+    out += _table(["run", "method", "seed", "status", "first robust attack (best)", "sanity"], run_rows)
     others = [r for r in runs if not r.checkpoints]
     if others:
         out += ["", "## Failed or unfinished runs", ""]
@@ -105,3 +105,13 @@ def render(groups: list[Group], runs: list[RunRecord], plots: list[str]) -> str:
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def _sanity_cell(run: RunRecord) -> str:
+    """`ok`, `FAILED: <checks>` per checkpoint, or `-` when the run recorded no sanity checks."""
+    cells = []
+    for kind, entry in run.checkpoints.items():
+        failed = entry.get("sanity")
+        if failed is not None:
+            cells.append(f"{kind} " + (f"**FAILED: {', '.join(failed)}**" if failed else "ok"))
+    return "; ".join(cells) or "-"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from robust_train.errors import ResultsError
+from robust_train.tracking.results import read_results as read_results_file
 
 RESULTS_FILE = "results.json"
 ERROR_FILE = "error.json"  # written by the CLI into a multirun job's dir when the job failed
@@ -59,17 +60,22 @@ def _checkpoints_from_eval(evaluation: dict[str, Any]) -> dict[str, dict[str, An
                 "eps": parse_eps(spec.get("eps")),
                 "time_s": a.get("time_s"),
             }
-        out[kind] = {"epoch": entry.get("epoch"), "attacks": attacks}
+        sanity = entry.get("sanity") if isinstance(entry.get("sanity"), dict) else None
+        out[kind] = {
+            "epoch": entry.get("epoch"),
+            "attacks": attacks,
+            # Failed evaluation sanity checks (evaluation/sanity.py) travel into the report: a number
+            # that a stronger attack would erase must not look like the others.
+            "sanity": None if sanity is None else list(sanity.get("failed") or []),
+        }
     return out
 
 
 def read_results(path: Path) -> RunRecord:
     """One run from its results.json."""
-    try:
-        res = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise ResultsError(f"cannot read {path}: {err}") from err
-    if not isinstance(res, dict) or "config" not in res:
+    # The versioned reader refuses files from another results format version with a clear message.
+    res = read_results_file(path)
+    if "config" not in res:
         raise ResultsError(f"{path} is not a robust-train results.json (no 'config' key)")
     run_dir = Path(path).parent
     checkpoints = _checkpoints_from_eval(res.get("eval") or {})

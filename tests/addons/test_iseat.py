@@ -167,15 +167,6 @@ def _hand_nu(model: nn.Module, x_adv, y, gamma: float) -> dict[str, torch.Tensor
     return {n: gamma * params[n].detach().norm() * g / g.norm() for n, g in zip(names, grads)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend on a shared CPU (a 10x+ slowdown measured there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def model(tiny_model) -> nn.Module:
     return tiny_model.double()

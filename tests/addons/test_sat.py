@@ -29,15 +29,6 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 HOSTS = {"pgd_at": "uniform", "trades": "normal", "mart": "normal"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny float64 models only lose time to thread hand-offs on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(name: str = "preact_resnet18") -> nn.Module:
     torch.manual_seed(0)
     return build_model(name, 10, (0.5,) * 3, (0.25,) * 3, width=0.0625).double()

@@ -31,15 +31,6 @@ LOSSES = ("mse", "ortho", "reverse")
 HOSTS = [("pgd_at", False), ("trades", False), ("mart", False), ("pgd_at", True), ("trades", True)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 models run fastest single-threaded on a shared CPU (threads only contend there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(name: str = "resnet18", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_model(name, 10, (0.5,) * 3, (0.25,) * 3, width=0.0625).double()

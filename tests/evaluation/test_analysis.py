@@ -66,15 +66,6 @@ class SmallNet(nn.Module):
         return self.fc(torch.tanh(self.bn(self.lin1(x.flatten(1)))))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Hundreds of tiny autograd calls: thread start-up dominates on a loaded 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _is_png(path: Path) -> bool:
     data = Path(path).read_bytes()
     return data[:8] == PNG_MAGIC and matplotlib.image.imread(str(path)).ndim == 3
@@ -383,12 +374,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         overrides += ["eval.sanity.enabled=false", "dataset.train_limit=128"]
         cfg = compose("config", overrides=overrides)
     run_dir = tmp_path_factory.mktemp("analysis") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_run(cfg, run_dir)
-    finally:
-        torch.set_num_threads(before)
+    train_run(cfg, run_dir)
     # A best.pt from another epoch with other weights, so robust_overfitting evaluates a real sibling.
     state = load_checkpoint(run_dir / "last.pt")
     state["epoch"] = 0

@@ -15,15 +15,6 @@ from robust_train.errors import ConfigError
 from robust_train.training.callbacks import InstanceTracking, margin_stats, robustness_transitions
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Thread start-up dominates tiny convolutions on a loaded 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_robustness_transitions_on_a_hand_built_matrix() -> None:
     # 4 examples over 3 tracked epochs (True = robust).
     robust = np.array(

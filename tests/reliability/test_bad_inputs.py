@@ -60,6 +60,8 @@ TRAIN_CASES: list[tuple[list[str], int, list[str]]] = [
      ["model=vgg16_bn cannot take dataset=synthetic images of shape [3, 8, 8]"]),
     (["dataset=synthetic", "dataset.mean=[0.5]"], 2, ["dataset.mean has 1 values", "3 channels"]),
     (["dataset=synthetic", "dataset.image_shape=[3,32]"], 2, ["dataset.image_shape=[3, 32]"]),
+    (["threat.norm=l2", "threat.eps=0.5", "eval=full"], 2,
+     ["eval.attacks.lafeat: lafeat is an L-inf attack but threat.norm='l2'"]),
     # Hydra's own errors: exit 1 and Hydra's message, which names the key or option.
     (["trainer.epochz=3"], 1, ["trainer.epochz", "not in struct"]),
     (["model=resnet1000"], 1, ["model", "resnet1000", "preact_resnet18"]),

@@ -10,6 +10,7 @@ import pytest
 from robust_train.cli import report_main
 from robust_train.errors import ResultsError
 from robust_train.report import build_report, load_local_runs, load_wandb_runs
+from robust_train.tracking.results import RESULTS_FORMAT, RESULTS_VERSION
 
 PAPER = {
     "method": "TRADES", "verified": True, "source": "Table 4",
@@ -35,6 +36,7 @@ def _write(
         "pgd20": {"accuracy": pgd, "n": 100, "time_s": 2.0, "attack": {"name": "pgd", "eps": eps}},
     }
     res = {
+        "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
         "config": _config(defense, seed, eps, paper), "seed": seed,
         "train": {"history": [
             {"epoch": e, "val/clean_acc": clean - 3 + e, "val/robust_acc": pgd - 3 + e} for e in (1, 2, 3)
@@ -77,6 +79,19 @@ def test_report_groups_seeds_and_sets_papers_beside(sweep: Path, tmp_path: Path)
     assert all(p.stat().st_size > 1000 for p in report.plots)
 
 
+def test_failed_sanity_checks_are_loud_in_the_runs_table(sweep: Path, tmp_path: Path) -> None:
+    path = sweep / "1" / "results.json"
+    res = json.loads(path.read_text())
+    res["eval"]["best"]["sanity"] = {"passed": False, "failed": ["gradient_health", "large_eps"]}
+    res["eval"]["last"]["sanity"] = {"passed": True, "failed": []}
+    path.write_text(json.dumps(res))
+    md = build_report(load_local_runs([sweep]), tmp_path / "out", plots=False).markdown
+    row = next(line for line in md.splitlines() if line.startswith(f"| `{sweep / '1'}`"))
+    assert row.endswith("| best **FAILED: gradient_health, large_eps**; last ok |")
+    row0 = next(line for line in md.splitlines() if line.startswith(f"| `{sweep / '0'}`"))
+    assert row0.endswith("| - |")  # no sanity record: nothing claimed
+
+
 def test_robust_vs_eps_plot_when_runs_differ_in_eps(tmp_path: Path) -> None:
     for i, (eps, pgd) in enumerate([(0.1, 40.0), (0.2, 20.0), (0.3, 5.0)]):
         _write(tmp_path / "runs" / str(i), "pgd_at", 0, 90.0, pgd, eps=eps)
@@ -91,6 +106,16 @@ def test_cli_writes_report_and_refuses_empty_dirs(sweep: Path, tmp_path: Path, c
     with pytest.raises(SystemExit) as stop:
         report_main([str(tmp_path / "r")])
     assert stop.value.code == 2 and "no results.json" in capsys.readouterr().err
+
+
+def test_results_of_another_format_version_are_refused(sweep: Path, tmp_path: Path, capsys) -> None:
+    path = sweep / "0" / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": RESULTS_VERSION + 1}))
+    with pytest.raises(ResultsError, match="format version"):
+        load_local_runs([sweep])
+    with pytest.raises(SystemExit) as stop:
+        report_main([str(sweep), "--out", str(tmp_path / "r"), "--no-plots"])
+    assert stop.value.code == 2 and "format version" in capsys.readouterr().err
 
 
 class _FakeRun:

@@ -23,15 +23,6 @@ EPS, ALPHA = 8 / 255, 2 / 255
 OFF = {"amp": False, "channels_last": False, "compile": False, "fused_sgd": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: threading costs more than it saves, and the CPU is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _defense(name: str, steps: int = 2):
     cfg = {"name": name, "beta": 6.0, "attack": {
         "name": "pgd", "steps": steps, "step": ALPHA, "restarts": 1,
