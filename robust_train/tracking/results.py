@@ -137,7 +137,34 @@ def format_table(evaluation: dict[str, Any]) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     title = f"accuracy (%) on {n_ex} test images"
-    return "\n".join([title, line(header), sep, *(line(r) for r in rows), *failure_lines(per_ckpt)])
+    return "\n".join(
+        [
+            title,
+            line(header),
+            sep,
+            *(line(r) for r in rows),
+            *projection_lines(per_ckpt),
+            *failure_lines(per_ckpt),
+        ]
+    )
+
+
+def projection_lines(evaluation: Mapping[str, Any]) -> list[str]:
+    """Under the table, for every SSA/SSAH number: the projection mode, perturbation size and batch size.
+
+    SSA/SSAH numbers depend on all three (base spec, binding decisions), so they are printed beside the
+    accuracy, not only stored in results.json.
+    """
+    lines: list[str] = []
+    for kind, entry in evaluation.items():
+        for name, a in (entry.get("attacks") or {}).items():
+            d = a.get("details") if isinstance(a, Mapping) else None
+            if isinstance(d, Mapping) and "projection" in d:
+                lines.append(
+                    f"{name} [{kind}]: projection {d['projection']}, mean L-inf {d.get('mean_linf', 0):.4f}, "
+                    f"max L-inf {d.get('max_linf', 0):.4f}, attack batch size {d.get('batch_size')}"
+                )
+    return lines
 
 
 def failure_lines(evaluation: Mapping[str, Any]) -> list[str]:
