@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from robust_train.attacks.base import Attack, Objective, attack_mode
 from robust_train.attacks.threat import ThreatModel
@@ -343,9 +344,14 @@ class LAFEAT(Attack):
         agree = {name: 0 for name in layers}
         forwards, start = 0, time.perf_counter()
         heads.train()
-        for _ in range(self.head_epochs):
+        # Head training is the slow part of a first LAFEAT evaluation (100 epochs over the training set).
+        bar = tqdm(
+            range(self.head_epochs), desc="lafeat heads", unit="epoch", leave=False, dynamic_ncols=True
+        )
+        for _ in bar:
             perm = torch.randperm(n, generator=gen).to(images.device)
-            agree = {name: 0 for name in layers}
+            # Agreement counts stay on the device: one host read per epoch, not one per batch.
+            agree = {name: torch.zeros((), dtype=torch.long, device=images.device) for name in layers}
             for i in range(0, n, self.head_batch_size):
                 xb = images[perm[i : i + self.head_batch_size]]
                 if self.head_augment:
@@ -360,11 +366,14 @@ class LAFEAT(Attack):
                 for name in layers:
                     out = heads[_key(name)](feats[name])
                     loss = loss + F.cross_entropy(out, labels)
-                    agree[name] += int((out.argmax(1) == labels).sum())
+                    agree[name] += (out.argmax(1) == labels).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             sched.step()
+            agree = {name: int(count) for name, count in agree.items()}
+            bar.set_postfix(agree=f"{100.0 * min(agree.values()) / max(n, 1):.1f}%", refresh=False)
+        bar.close()
         heads.eval()
         for p in heads.parameters():
             p.requires_grad_(False)
