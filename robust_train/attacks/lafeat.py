@@ -508,7 +508,11 @@ class LAFEAT(Attack):
                     with torch.no_grad():
                         fooled = model(xb).argmax(1) != y[b]
                     self.forward_passes += 1
-                    x_adv[b[fooled]] = xb[fooled]
+                    # Points still robust keep this run's perturbed input (the next run overwrites it;
+                    # fooled points leave the robust set and are frozen). Accuracy is the same as when
+                    # only fooled points are replaced, but layer-wise analyses of "LAFEAT inputs" then
+                    # see perturbed inputs everywhere, not clean ones for every robust point.
+                    x_adv[b] = xb
                     robust[b[fooled]] = False
             history.append({"beta": beta, "target_rank": None if c is None else c + 1,
                             "robust_accuracy": round(100.0 * robust.float().mean().item(), 4)})  # fmt: skip

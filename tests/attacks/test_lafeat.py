@@ -82,6 +82,19 @@ def test_output_in_ball_and_box_and_misclassified_points_unchanged(trained, tmp_
     assert accs == sorted(accs, reverse=True)  # every run only attacks points still robust
 
 
+def test_points_that_stay_robust_come_back_perturbed(trained, tmp_path) -> None:
+    """Layer-wise analyses read LAFEAT's x_adv: a robust point must be its perturbed input, not x."""
+    model, x, y = trained["model"], trained["x"], trained["y"]
+    x_adv = _lafeat(trained, tmp_path, iterations=4, betas=[0.5])(model, x, y)
+    with torch.no_grad():
+        right_before = model(x).argmax(1) == y
+        right_after = model(x_adv).argmax(1) == y
+    kept = right_before & right_after
+    assert kept.any()
+    moved = (x_adv[kept] - x[kept]).flatten(1).abs().amax(1)
+    assert (moved > EPS / 2).all() and (moved <= EPS).all()
+
+
 def test_deterministic_and_second_evaluation_reuses_cached_heads(trained, tmp_path) -> None:
     model, x, y = trained["model"], trained["x"], trained["y"]
     kw = {"betas": [0.3, 0.6], "iterations": 5}
