@@ -31,6 +31,7 @@ from robust_train.attacks import Attack, attack_mode
 from robust_train.data import to_float
 from robust_train.errors import ConfigError
 from robust_train.models.features import capture_features, known_layer_names, resolve_layer
+from robust_train.tracking.results import pipe_table
 
 ANALYSES = ("clustering", "hessian_trace", "layer_shift", "robust_overfitting")
 CENTROID_SETS = ("all", "correct")
@@ -641,13 +642,8 @@ def format_analysis(analysis: Mapping[str, Any]) -> str:
     lines: list[str] = []
 
     def table(title: str, cols: list[str], rows: list[list[str]]) -> None:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         lines.append(title)
-        lines.append("| " + " | ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)) + " |")
-        lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        lines.extend(
-            "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
-        )
+        lines.extend(pipe_table(cols, rows))
 
     c = analysis.get("clustering")
     if c and c["accuracy"]:

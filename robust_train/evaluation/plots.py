@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -46,16 +47,22 @@ def plot_layer_series(
     """One line per entry of `series` (values aligned with `layers`), layers on the x axis."""
     fig = Figure(figsize=(max(5.0, 0.45 * len(layers) + 3), 3.6))
     ax = fig.add_subplot(1, 1, 1)
+    _draw_layer_lines(ax, layers, series, title, ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    return _save(fig, path)
+
+
+def _draw_layer_lines(
+    ax: Any, layers: Sequence[str], series: Mapping[str, Sequence[float]], title: str, ylabel: str
+) -> None:
     for name, values in series.items():
         ax.plot(range(len(layers)), list(values), marker="o", label=name)
     _layer_axis(ax, layers)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    if ylim is not None:
-        ax.set_ylim(*ylim)
     if series:
         ax.legend(fontsize="small")
-    return _save(fig, path)
 
 
 def plot_layer_shift(
@@ -68,14 +75,7 @@ def plot_layer_shift(
     """Left: mean relative feature shift per layer, one line per attack. Right: the per-example shift at
     the last layer as histograms (SAT's diagnostic (i): PGD vs LAFEAT at the deepest tap)."""
     fig = Figure(figsize=(max(9.0, 0.45 * len(layers) + 7), 3.6))
-    ax = fig.add_subplot(1, 2, 1)
-    for name, values in mean_shift.items():
-        ax.plot(range(len(layers)), list(values), marker="o", label=name)
-    _layer_axis(ax, layers)
-    ax.set_ylabel("||f(x_adv) - f(x)|| / ||f(x)||")
-    ax.set_title(title)
-    if mean_shift:
-        ax.legend(fontsize="small")
+    _draw_layer_lines(fig.add_subplot(1, 2, 1), layers, mean_shift, title, "||f(x_adv) - f(x)|| / ||f(x)||")
     hx = fig.add_subplot(1, 2, 2)
     for name, values in last_layer_samples.items():
         hx.hist(np.asarray(values, dtype=float), bins=30, alpha=0.5, label=name)

@@ -130,23 +130,20 @@ def format_table(evaluation: dict[str, Any]) -> str:
         rows.append(row)
     n = next(iter(per_ckpt.values()))["attacks"]
     n_ex = next(iter(n.values()))["n"] if n else 0
+    title = f"accuracy (%) on {n_ex} test images"
+    return "\n".join(
+        [title, *pipe_table(header, rows), *projection_lines(per_ckpt), *failure_lines(per_ckpt)]
+    )
+
+
+def pipe_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Console table lines: a header, a rule and right-aligned cells, each column as wide as its widest."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    title = f"accuracy (%) on {n_ex} test images"
-    return "\n".join(
-        [
-            title,
-            line(header),
-            sep,
-            *(line(r) for r in rows),
-            *projection_lines(per_ckpt),
-            *failure_lines(per_ckpt),
-        ]
-    )
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
 
 
 def projection_lines(evaluation: Mapping[str, Any]) -> list[str]:
