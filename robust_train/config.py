@@ -6,9 +6,10 @@ a bad command line in one round trip. Messages name the full key and the allowed
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 from collections.abc import Mapping
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -30,19 +31,101 @@ WANDB_MODES = ("offline", "online", "disabled")
 CHECKPOINT_KINDS = ("best", "last")
 
 
+def _parse_number(text: str) -> float:
+    """A plain number or a fraction of two numbers ("8/255", "0.5/255"); ValueError otherwise."""
+    if "/" in text:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den)  # ZeroDivisionError for "x/0"
+    else:
+        value = float(text)
+    return value
+
+
 def to_float(value: Any, key: str) -> float:
-    """Parse a number written as 0.03, 8/255 or "8/255"; raise ConfigError naming `key` otherwise."""
+    """Parse 0.03, 8/255, "8/255" or "0.5/255"; raise ConfigError naming `key` otherwise."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}={value!r} is not a number; write e.g. 0.03 or 8/255")
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
-        text = value.strip()
         try:
-            return float(Fraction(text)) if "/" in text else float(text)
+            return _parse_number(value.strip())
         except (ValueError, ZeroDivisionError):
             pass
     raise ConfigError(f"{key}={value!r} is not a number; write e.g. 0.03 or 8/255")
+
+
+# A step written relative to the attack's radius: "eps", "eps/4", "0.25*eps", "eps*0.25", "2*eps/5".
+_NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
+_RELATIVE_STEP = re.compile(
+    rf"^(?:(?P<a>{_NUM})\s*\*\s*)?eps(?:\s*\*\s*(?P<b>{_NUM}))?(?:\s*/\s*(?P<c>{_NUM}))?$"
+)
+STEP_HELP = "write an absolute size (0.01, 2/255) or one relative to eps (eps/4, 0.25*eps)"
+
+
+def relative_step_factor(value: Any) -> float | None:
+    """The factor k of a step written as k*eps ("eps/4" -> 0.25); None for an absolute step."""
+    if not isinstance(value, str):
+        return None
+    m = _RELATIVE_STEP.match(value.strip())
+    if m is None:
+        return None
+    factor = float(m["a"] or 1.0) * float(m["b"] or 1.0)
+    den = float(m["c"] or 1.0)
+    if den == 0:
+        return None
+    return factor / den
+
+
+def resolve_step(value: Any, eps: float, key: str) -> float:
+    """A step size in pixel units: relative steps ("eps/4") scale with this attack's eps.
+
+    Steps follow the radius unless written as absolute numbers, so `threat.eps=4/255` alone also halves
+    the default step (eps/4) instead of keeping a step sized for another radius.
+    """
+    factor = relative_step_factor(value)
+    if factor is not None:
+        return factor * float(eps)
+    if isinstance(value, str) and "eps" in value:
+        raise ConfigError(f"{key}={value!r} is not a step; {STEP_HELP}")
+    try:
+        return to_float(value, key)
+    except ConfigError:
+        raise ConfigError(f"{key}={value!r} is not a step; {STEP_HELP}") from None
+
+
+def numeric_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a resolved config whose radii and step sizes are numbers in pixel units.
+
+    Configs may write 8/255 or eps/4; results.json and W&B get the numbers every attack used, so a
+    column holds one type and can be filtered and plotted across datasets. Unparseable values are left
+    as written (validation reports them).
+    """
+    out = copy.deepcopy(config)
+
+    def convert(node: Any, eps: float | None) -> float | None:
+        if not isinstance(node, dict):
+            return eps
+        try:
+            if node.get("eps") is not None:
+                node["eps"] = eps = to_float(node["eps"], "eps")
+            if node.get("step") is not None and eps is not None:
+                node["step"] = resolve_step(node["step"], eps, "step")
+        except ConfigError:
+            pass
+        return eps
+
+    dataset = out.get("dataset")
+    if isinstance(dataset, dict):
+        convert(dataset.get("threat"), None)
+    eps = convert(out.get("threat"), None)
+    defense = out.get("defense")
+    if isinstance(defense, dict):
+        convert(defense.get("attack"), eps)
+    suite = out.get("eval")
+    for node in ((suite.get("attacks") if isinstance(suite, dict) else None) or {}).values():
+        convert(node, eps)
+    return out
 
 
 def _get(node: Any, key: str, default: Any = None) -> Any:
@@ -93,6 +176,36 @@ class _Checker:
             return None
         return x
 
+    def step(
+        self, node: Any, key: str, path: str, eps: float | None, max_eps: bool = False, optional: bool = False
+    ) -> float | None:
+        """A step size, absolute or relative to `eps`; with `max_eps`, an absolute step above eps is refused.
+
+        Only absolute steps are bounded: an L-inf PGD step larger than the radius jumps to the ball's
+        corners every iteration, which is almost always a step written for another eps. A relative step
+        larger than eps (e.g. FGSM-RS's 1.25*eps) is an explicit choice.
+        """
+        value = _get(node, key)
+        full = f"{path}.{key}" if path else key
+        if value is None:
+            if not optional:
+                self.problems.append(f"{full} is missing; {STEP_HELP}")
+            return None
+        if relative_step_factor(value) is None:
+            x = self.number(node, key, path, lo=0.0, lo_open=True)
+            if x is not None and max_eps and eps is not None and x > eps * (1 + 1e-9):
+                self.problems.append(
+                    f"{full}={value!r} ({x:.6g}) is larger than eps={eps:.6g}: an L-inf PGD step above "
+                    f"the radius only jumps between the ball's corners; set {full}=eps/4 or a value <= eps"
+                )
+                return None
+            return x
+        factor = relative_step_factor(value)
+        if factor is None or not factor > 0:
+            self.problems.append(f"{full}={value!r} must be positive; {STEP_HELP}")
+            return None
+        return None if eps is None else factor * eps
+
     def choice(self, node: Any, key: str, path: str, allowed: tuple[str, ...]) -> str | None:
         value = _get(node, key)
         full = f"{path}.{key}" if path else key
@@ -132,19 +245,25 @@ def _range_text(lo: float | None, hi: float | None, lo_open: bool) -> str:
     return f"{left}value{right}"
 
 
-def _check_threat(c: _Checker, threat: Any, path: str = "threat") -> None:
+def _check_threat(c: _Checker, threat: Any, path: str = "threat") -> tuple[str | None, float | None]:
+    """The run's norm and eps (None where invalid); the validation PGD uses threat.step."""
     norm = c.choice(threat, "norm", path, NORMS)
     # An L-inf radius above 1 covers the whole [0,1] box; L2 radii legitimately exceed 1 on large images.
-    c.number(threat, "eps", path, lo=0.0, hi=1.0 if norm != "l2" else None)
-    c.number(threat, "step", path, lo=0.0, lo_open=True)
+    eps = c.number(threat, "eps", path, lo=0.0, hi=1.0 if norm != "l2" else None)
+    c.step(threat, "step", path, eps, max_eps=norm == "linf")
+    return norm, eps
 
 
-def _check_attack(c: _Checker, attack: Any, path: str) -> None:
+def _check_attack(
+    c: _Checker, attack: Any, path: str, threat: tuple[str | None, float | None] = (None, None)
+) -> None:
+    """One attack node; `threat` is the run's (norm, eps), which the node's own norm/eps override."""
     name = c.choice(attack, "name", path, ATTACKS)
     if name in ("clean", None):
         return
+    norm, eps = threat
     if _get(attack, "norm") is not None:
-        c.choice(attack, "norm", path, NORMS)
+        norm = c.choice(attack, "norm", path, NORMS)
     if name == "lafeat":
         _check_lafeat(c, attack, path)
         return
@@ -157,15 +276,16 @@ def _check_attack(c: _Checker, attack: Any, path: str) -> None:
         if _get(attack, "eps") is not None:
             c.number(attack, "eps", path, lo=0.0)
         return
+    if _get(attack, "eps") is not None:
+        eps = c.number(attack, "eps", path, lo=0.0)
     if name in ("pgd", "cw"):
         c.number(attack, "steps", path, lo=0, integer=True)
         c.number(attack, "restarts", path, lo=1, integer=True, optional=True)
+        c.step(attack, "step", path, eps, max_eps=norm == "linf")
+    elif _get(attack, "step") is not None:
+        c.step(attack, "step", path, eps)
     if _get(attack, "loss") is not None:
         c.choice(attack, "loss", path, ATTACK_LOSSES)
-    if _get(attack, "step") is not None:
-        c.number(attack, "step", path, lo=0.0, lo_open=True)
-    if _get(attack, "eps") is not None:
-        c.number(attack, "eps", path, lo=0.0)
     if _get(attack, "random_start") is not None:
         c.choice(attack, "random_start", path, RANDOM_STARTS)
     if _get(attack, "bn_mode") is not None:
@@ -245,7 +365,7 @@ def _check_device(c: _Checker, device: Any) -> None:
         c.problems.append(f"device={device!r} but CUDA is not available here; use device=auto or device=cpu")
 
 
-def _check_eval(c: _Checker, ev: Any) -> None:
+def _check_eval(c: _Checker, ev: Any, threat: tuple[str | None, float | None] = (None, None)) -> None:
     c.number(ev, "n_examples", "eval", lo=1, integer=True, optional=True)
     c.number(ev, "batch_size", "eval", lo=1, integer=True)
     for kind in _get(ev, "checkpoints", []) or []:
@@ -258,7 +378,7 @@ def _check_eval(c: _Checker, ev: Any) -> None:
     for name, node in attacks.items():
         if node is None:  # removed from the suite on the command line with eval.attacks.NAME=null
             continue
-        _check_attack(c, node, f"eval.attacks.{name}")
+        _check_attack(c, node, f"eval.attacks.{name}", threat)
 
 
 def _check_logger(c: _Checker, logger: Any) -> None:
@@ -426,7 +546,7 @@ def validate_train_config(cfg: Any) -> None:
     c.choice(cfg.dataset, "name", "dataset", DATASET_NAMES)
     c.choice(cfg.model, "name", "model", MODEL_NAMES)
     c.number(cfg.model, "width", "model", lo=0.0, lo_open=True, hi=16.0)
-    _check_threat(c, cfg.threat)
+    threat = _check_threat(c, cfg.threat)
 
     defense = c.choice(cfg.defense, "name", "defense", DEFENSES)
     if defense in ("trades", "mart"):
@@ -444,7 +564,7 @@ def validate_train_config(cfg: Any) -> None:
         if attack is None:
             c.problems.append(f"defense={defense} needs a training attack: defense.attack is null")
         else:
-            _check_attack(c, attack, "defense.attack")
+            _check_attack(c, attack, "defense.attack", threat)
             if _get(attack, "name") == "autoattack":
                 c.problems.append("defense.attack cannot be autoattack: it is an evaluation-only attack")
 
@@ -473,7 +593,7 @@ def validate_train_config(cfg: Any) -> None:
     c.number(val, "batch_size", "trainer.validation", lo=1, integer=True)
     _check_fast(c, _get(t, "fast"))
     _check_nan(c, t)
-    _check_eval(c, cfg.eval)
+    _check_eval(c, cfg.eval, threat)
     _check_linf_only_attacks(c, cfg)
     _check_sanity(c, cfg.eval)
     _check_logger(c, cfg.logger)

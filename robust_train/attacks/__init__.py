@@ -11,7 +11,7 @@ from robust_train.attacks.lafeat import LAFEAT
 from robust_train.attacks.pgd import FGSM, PGD
 from robust_train.attacks.ssa import SSAH
 from robust_train.attacks.threat import ThreatModel
-from robust_train.config import ATTACKS, to_float
+from robust_train.config import ATTACKS, STEP_HELP, relative_step_factor, resolve_step, to_float
 from robust_train.errors import ConfigError
 
 __all__ = [
@@ -53,7 +53,7 @@ def build_attack(node: Mapping[str, Any], threat: ThreatModel, key: str = "attac
         attack = PGD(
             threat,
             steps=int(node.get("steps", 20 if name == "cw" else 10)),
-            step_size=to_float(node["step"], f"{key}.step"),
+            step_size=_pgd_step(node, threat, key),
             restarts=int(node.get("restarts") or 1),
             random_start=random_start,
             bn_mode=bn_mode,
@@ -74,7 +74,7 @@ def build_attack(node: Mapping[str, Any], threat: ThreatModel, key: str = "attac
         step = node.get("step")
         return FGSM(
             threat,
-            step_size=None if step is None else to_float(step, f"{key}.step"),
+            step_size=None if step is None else resolve_step(step, threat.eps, f"{key}.step"),
             random_start=str(node.get("random_start") or "none"),
             bn_mode=bn_mode,
         )
@@ -95,6 +95,20 @@ def build_attack(node: Mapping[str, Any], threat: ThreatModel, key: str = "attac
             name=name,
         )
     raise ConfigError(f"{key}.name={name!r} is not a known attack; allowed: {', '.join(ATTACKS)}")
+
+
+def _pgd_step(node: Mapping[str, Any], threat: ThreatModel, key: str) -> float:
+    """The node's step in pixel units; an absolute L-inf step above eps is refused (see config.py)."""
+    raw = node.get("step")
+    if raw is None:
+        raise ConfigError(f"{key}.step is missing; {STEP_HELP}")
+    step = resolve_step(raw, threat.eps, f"{key}.step")
+    if threat.norm == "linf" and relative_step_factor(raw) is None and step > threat.eps * (1 + 1e-9):
+        raise ConfigError(
+            f"{key}.step={raw!r} ({step:.6g}) is larger than eps={threat.eps:.6g}; set {key}.step=eps/4 "
+            "(relative) or a value <= eps"
+        )
+    return step
 
 
 def _build_lafeat(node: Mapping[str, Any], threat: ThreatModel, key: str, bn_mode: str) -> LAFEAT:

@@ -42,6 +42,10 @@ class PGD(Attack):
         self.random_start = random_start
         self.generator = generator
 
+    def default_objective(self, y: torch.Tensor) -> Objective:
+        """The configured loss (`ce`, or the Carlini-Wagner margin for `cw`) unless the caller passes one."""
+        return objective_for(self.loss, y, self.kappa)
+
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective
     ) -> torch.Tensor:

@@ -9,7 +9,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from robust_train.addons import build_addons
 from robust_train.builders import model_from_config, threat_from_config
-from robust_train.config import resolve_device, validate_eval_config, validate_train_config
+from robust_train.config import (
+    numeric_config,
+    relative_step_factor,
+    resolve_device,
+    to_float,
+    validate_eval_config,
+    validate_train_config,
+)
 from robust_train.data import build_dataset
 from robust_train.defenses import build_defense
 from robust_train.errors import ConfigError
@@ -31,13 +38,65 @@ from robust_train.tracking.results import format_table, new_results, write_resul
 from robust_train.tracking.wandb_run import build_tracker
 
 
-def merged_config(cfg: DictConfig, state: dict[str, Any]) -> DictConfig:
-    """The checkpoint's training config with this evaluation's choices laid over it."""
+def _chosen_groups(overrides: list[str]) -> tuple[set[str], list[Any]]:
+    """Config groups chosen on the command line (`eval=quick`) and the `eval.attacks.*` key overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups: set[str] = set()
+    attack_keys = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.key_or_group
+        if "." not in key and key != "checkpoint" and not key.startswith("hydra"):
+            groups.add(key)
+        elif key.startswith("eval.attacks."):
+            attack_keys.append(o)
+    return groups, attack_keys
+
+
+def _rescale_steps(
+    threat: dict[str, Any], suite: dict[str, Any] | None, old_eps: float, new_eps: float
+) -> None:
+    """Absolute steps stored for the trained radius follow a new eval radius (relative ones already do).
+
+    Only the run-wide step and the steps of suite attacks that inherit the run's eps change: an attack
+    with its own `eps` keeps its own step.
+    """
+    ratio = new_eps / old_eps
+
+    def scaled(value: Any) -> Any:
+        return (
+            value if relative_step_factor(value) is not None else f"{to_float(value, 'step') / old_eps!r}*eps"
+        )
+
+    if threat.get("step") is not None:
+        threat["step"] = scaled(threat["step"])
+    for node in ((suite or {}).get("attacks") or {}).values():
+        if isinstance(node, dict) and node.get("step") is not None and node.get("eps") is None:
+            if relative_step_factor(node["step"]) is None and isinstance(node["step"], int | float | str):
+                node["step"] = to_float(node["step"], "step") * ratio
+
+
+def merged_config(cfg: DictConfig, state: dict[str, Any], overrides: list[str] | None = None) -> DictConfig:
+    """The checkpoint's training config with this evaluation's choices laid over it.
+
+    The suite is one whole: `eval=quick` on the command line replaces the stored suite (it is never
+    merged key by key into it, which used to run the union of both under the new name); with no `eval`
+    choice the suite the model was trained with runs, with this command's `eval.*` settings
+    (n_examples, batch size, sanity, `eval.attacks.*` overrides) applied. A new `threat.eps` without a
+    new `threat.step` rescales absolute steps with the radius.
+    """
     base = OmegaConf.create(state.get("config") or {})
     if "model" not in base or "dataset" not in base:
         raise ConfigError(f"checkpoint={cfg.checkpoint} carries no training config; it cannot be rebuilt")
+    groups, attack_keys = _chosen_groups(list(overrides or []))
+    requested = OmegaConf.to_container(cfg.eval, resolve=False)
+    stored = OmegaConf.to_container(base.eval, resolve=False) if base.get("eval") is not None else None
+    use_stored = "eval" not in groups and isinstance(stored, dict) and bool(stored.get("attacks"))
+    if not use_stored:
+        suite = requested
+    else:
+        suite = stored | {k: v for k, v in requested.items() if k not in ("attacks", "name")}
     overlay: dict[str, Any] = {
-        "eval": OmegaConf.to_container(cfg.eval, resolve=False),
         "logger": OmegaConf.to_container(cfg.logger, resolve=False),
         "device": cfg.device,
         "seed": cfg.seed,
@@ -51,17 +110,48 @@ def merged_config(cfg: DictConfig, state: dict[str, Any]) -> DictConfig:
         # to trained weights.
         if values and (key != "model" or "name" in values):
             overlay[key] = values
+    threat = OmegaConf.to_container(base.threat, resolve=True) if base.get("threat") is not None else {}
+    new = overlay.get("threat") or {}
+    if "eps" in new and "step" not in new and threat.get("eps") is not None:
+        old_eps = to_float(threat["eps"], "threat.eps")
+        new_eps = to_float(new["eps"], "threat.eps")
+        if old_eps > 0 and new_eps != old_eps:
+            _rescale_steps(threat, suite if use_stored else None, old_eps, new_eps)
+            overlay["threat"] = threat | new
+    base.eval = None  # replaced whole, never merged key by key
+    model = overlay.get("model") or {}
+    if "name" in model and model["name"] != base.model.get("name"):
+        # Another architecture keeps the trained width and normalization, not the old one's options.
+        base.model = {k: base.model.get(k) for k in ("width", "normalize") if k in base.model}
     merged = OmegaConf.merge(base, overlay)
+    merged.eval = suite
+    for o in attack_keys:
+        if o.is_delete():
+            OmegaConf.update(merged, o.key_or_group, None, force_add=True)
+        else:
+            OmegaConf.update(merged, o.key_or_group, o.value(), merge=True, force_add=True)
     OmegaConf.resolve(merged)
     return merged
 
 
-def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, group: str | None = None) -> dict[str, Any]:
-    """Rebuild the checkpoint's model, run the eval suite on the test set, write out_dir/results.json."""
+def _command_line_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def evaluate_checkpoint(
+    cfg: DictConfig, out_dir: Path, group: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Rebuild the checkpoint's model, run the eval suite on the test set, write out_dir/results.json.
+
+    `overrides` are the command line's Hydra overrides (read from Hydra when None): they tell a chosen
+    `eval=` suite from the default one.
+    """
     validate_eval_config(cfg)
     analysis_names = validate_analysis(cfg.get("analysis"), cfg.get("analysis_options"))
     state = load_checkpoint(cfg.checkpoint)
-    full = merged_config(cfg, state)
+    full = merged_config(cfg, state, _command_line_overrides() if overrides is None else overrides)
     validate_train_config(full)
     device = resolve_device(full.get("device"))
     seed = int(full.seed)
@@ -90,7 +180,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: Path, group: str | None = None
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.to_container(full, resolve=True)
+    config = numeric_config(OmegaConf.to_container(full, resolve=True))
     tracker = build_tracker(
         full.logger,
         out_dir,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from robust_train.report.aggregate import Group, paper_rows
-from robust_train.report.runs import RunRecord
+from robust_train.report.runs import CE_AS_CW_MARK, RunRecord
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -73,6 +73,13 @@ def render(groups: list[Group], runs: list[RunRecord], plots: list[str]) -> str:
     if n_examples:
         out.append(f"Test images per evaluation: {', '.join(str(n) for n in n_examples)}.")
     out += ["", "## Accuracy per attack", ""] + accuracy_table(groups)
+    if any(a.endswith(CE_AS_CW_MARK) for g in groups for a in g.attacks):
+        out += [
+            "",
+            f"**Columns marked `{CE_AS_CW_MARK.strip()}` come from results files of format version 1, whose "
+            "CW attacks ascended cross-entropy: they are PGD numbers, not Carlini-Wagner ones. Rerun "
+            "`robust-eval` on those checkpoints for real CW numbers.**",
+        ]
     table, notes = paper_table(groups)
     if table or notes:
         out += ["", "## Beside the papers", ""]

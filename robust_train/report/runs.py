@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from robust_train.errors import ResultsError
+from robust_train.config import to_float
+from robust_train.errors import ConfigError, ResultsError
+from robust_train.tracking.results import ce_labelled_cw
 from robust_train.tracking.results import read_results as read_results_file
+
+# Column suffix of CW numbers that an older robust-train computed with cross-entropy (ce_labelled_cw).
+CE_AS_CW_MARK = " [v1: ran CE, not CW]"
 
 RESULTS_FILE = "results.json"
 ERROR_FILE = "error.json"  # written by the CLI into a multirun job's dir when the job failed
@@ -42,12 +46,15 @@ def parse_eps(value: Any) -> float | None:
     if isinstance(value, int | float):
         return float(value)
     try:
-        return float(Fraction(str(value).strip()))
-    except (ValueError, ZeroDivisionError):
+        return to_float(value, "eps")
+    except ConfigError:
         return None
 
 
-def _checkpoints_from_eval(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _checkpoints_from_eval(
+    evaluation: dict[str, Any], mislabelled: set[str] = frozenset()
+) -> dict[str, dict[str, Any]]:
+    """Per-checkpoint accuracies; attacks in `mislabelled` get a column of their own, marked."""
     out: dict[str, dict[str, Any]] = {}
     for kind, entry in evaluation.items():
         if not isinstance(entry, dict) or "attacks" not in entry:
@@ -55,7 +62,8 @@ def _checkpoints_from_eval(evaluation: dict[str, Any]) -> dict[str, dict[str, An
         attacks = {}
         for name, a in entry["attacks"].items():
             spec = a.get("attack") or {}
-            attacks[name] = {
+            # Never averaged with, or shown as, a real CW number.
+            attacks[name + CE_AS_CW_MARK if name in mislabelled else name] = {
                 "accuracy": float(a["accuracy"]),
                 "eps": parse_eps(spec.get("eps")),
                 "time_s": a.get("time_s"),
@@ -78,7 +86,7 @@ def read_results(path: Path) -> RunRecord:
     if "config" not in res:
         raise ResultsError(f"{path} is not a robust-train results.json (no 'config' key)")
     run_dir = Path(path).parent
-    checkpoints = _checkpoints_from_eval(res.get("eval") or {})
+    checkpoints = _checkpoints_from_eval(res.get("eval") or {}, ce_labelled_cw(res))
     train = res.get("train") or {}
     return RunRecord(
         name=str(run_dir),

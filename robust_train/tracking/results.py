@@ -14,7 +14,11 @@ from robust_train.errors import ResultsError
 from robust_train.io import atomic_write
 
 RESULTS_FORMAT = "robust-train-results"
-RESULTS_VERSION = 1
+# Version 2: CW attacks ascend the Carlini-Wagner margin (version 1 ran cross-entropy under the CW
+# label); eps and step are numbers in the stored config.
+RESULTS_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CE_AS_CW_VERSIONS = (1,)
 _PACKAGES = (
     "robust_train",
     "torch",
@@ -93,12 +97,30 @@ def read_results(path: Path | str) -> dict[str, Any]:
         raise ResultsError(f"results file {path} is unreadable (truncated or not JSON): {err}") from None
     if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
         raise ResultsError(f"{path} is not a robust-train results file (no format: {RESULTS_FORMAT})")
-    if data.get("version") != RESULTS_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise ResultsError(
-            f"{path} has results format version {data.get('version')!r}; this robust-train reads version "
-            f"{RESULTS_VERSION}: use the robust-train that wrote it, or rerun the evaluation"
+            f"{path} has results format version {data.get('version')!r}; this robust-train reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}: use the robust-train that wrote it, or "
+            "rerun the evaluation"
         )
     return data
+
+
+def ce_labelled_cw(data: Mapping[str, Any]) -> set[str]:
+    """Attack names whose numbers in this results file were computed with cross-entropy but labelled CW.
+
+    Before format version 2 a `cw` attack (or `pgd` with `loss: cw`) ascended cross-entropy: its
+    accuracy is a second PGD number, not a Carlini-Wagner one.
+    """
+    if data.get("version") not in CE_AS_CW_VERSIONS:
+        return set()
+    names: set[str] = set()
+    for entry in (data.get("eval") or {}).values():
+        for name, a in ((entry.get("attacks") if isinstance(entry, Mapping) else None) or {}).items():
+            spec = a.get("attack") if isinstance(a, Mapping) else None
+            if isinstance(spec, Mapping) and (spec.get("name") == "cw" or spec.get("loss") == "cw"):
+                names.add(str(name))
+    return names
 
 
 def format_table(evaluation: dict[str, Any]) -> str:
@@ -132,8 +154,36 @@ def format_table(evaluation: dict[str, Any]) -> str:
     n_ex = next(iter(n.values()))["n"] if n else 0
     title = f"accuracy (%) on {n_ex} test images"
     return "\n".join(
-        [title, *pipe_table(header, rows), *projection_lines(per_ckpt), *failure_lines(per_ckpt)]
-    )
+        [*attack_lines(per_ckpt), title, *pipe_table(header, rows), *projection_lines(per_ckpt),
+         *failure_lines(per_ckpt)]
+    )  # fmt: skip
+
+
+def attack_lines(evaluation: Mapping[str, Any]) -> list[str]:
+    """One line per attack with the radius and step it actually used (numbers, after eps/4 is resolved).
+
+    Printed above the results table so that a number cannot be read without the budget behind it.
+    """
+    lines: list[str] = []
+    seen: set[str] = set()
+    for entry in evaluation.values():
+        for name, a in ((entry.get("attacks") if isinstance(entry, Mapping) else None) or {}).items():
+            spec = a.get("attack") if isinstance(a, Mapping) else None
+            if name in seen or not isinstance(spec, Mapping) or spec.get("eps") is None:
+                continue
+            seen.add(name)
+            parts = [f"{spec.get('norm', '?')} eps {float(spec['eps']):.6g}"]
+            if spec.get("step_size") is not None:
+                parts.append(f"step {float(spec['step_size']):.6g}")
+            for key, label in (("steps", "steps"), ("iterations", "iterations"), ("restarts", "restarts")):
+                if spec.get(key) is not None:
+                    parts.append(f"{label} {spec[key]}")
+            if spec.get("loss") is not None:
+                parts.append(f"loss {spec['loss']}")
+            if spec.get("version") is not None:
+                parts.append(f"version {spec['version']}")
+            lines.append(f"{name} ({spec.get('name', name)}): " + ", ".join(parts))
+    return lines
 
 
 def pipe_table(header: list[str], rows: list[list[str]]) -> list[str]:

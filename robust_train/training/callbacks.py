@@ -24,7 +24,7 @@ from torch import nn
 
 from robust_train.addons.iseat_analysis import av_statistics, margin_along_direction
 from robust_train.attacks import PGD, ThreatModel, attack_mode
-from robust_train.config import to_float
+from robust_train.config import resolve_step, to_float
 from robust_train.data import DataBundle
 from robust_train.data import to_float as images_to_float
 from robust_train.errors import ConfigError
@@ -141,7 +141,9 @@ class InstanceTracking:
         step = att.get("step_size")
         # Default PGD10, zero start, alpha = eps/4, eval-mode BN: deterministic (ISEAT spec G8).
         step_size = (
-            threat.eps / 4 if step is None else to_float(step, "trainer.instance_tracking.attack.step_size")
+            threat.eps / 4
+            if step is None
+            else resolve_step(step, threat.eps, "trainer.instance_tracking.attack.step_size")
         )
         attack_gen = torch.Generator(device=x_all.device)
         attack_gen.manual_seed(int(seed) + TRACKING_SEED_OFFSET)

@@ -15,7 +15,7 @@ from robust_train.builders import (
     optimizer_from_config,
     threat_from_config,
 )
-from robust_train.config import resolve_device, validate_train_config
+from robust_train.config import numeric_config, resolve_device, validate_train_config
 from robust_train.data import DataBundle, build_dataset
 from robust_train.defenses import build_defense
 from robust_train.errors import CheckpointError
@@ -132,7 +132,10 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.get("device"))
     seed = int(cfg.seed)
+    # The checkpoint keeps the config as written (eps/4 stays relative, so robust-eval at another eps
+    # rescales it); results.json and W&B get the numbers each attack used.
     config = OmegaConf.to_container(cfg, resolve=True)
+    numbers = numeric_config(config)
 
     resume_state = None
     last = run_dir / "last.pt"
@@ -162,13 +165,13 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
     tracker = build_tracker(
         cfg.logger,
         run_dir,
-        config,
+        numbers,
         name=run_name(cfg),
         group=group,
         tags=run_tags(cfg),
         resume_id=resume_state.get("wandb_run_id") if resume_state else None,
     )
-    results = new_results(config, seed, str(device), run_dir)
+    results = new_results(numbers, seed, str(device), run_dir)
     results["wandb"] = {"run_id": tracker.run_id, "group": tracker.group}
     results_path = run_dir / "results.json"
     meta = {

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from robust_train.addons.base import Addon
 from robust_train.attacks import PGD, Clean, ThreatModel
-from robust_train.config import to_float
+from robust_train.config import resolve_step, to_float
 from robust_train.data import DataBundle, augment_batch, batch_indices
 from robust_train.defenses.base import Defense
 from robust_train.errors import NumericalError
@@ -92,7 +92,7 @@ class Trainer:
             "pgd": PGD(
                 threat,
                 steps=int(val.pgd_steps),
-                step_size=to_float(cfg.threat.step, "threat.step"),
+                step_size=resolve_step(cfg.threat.step, threat.eps, "threat.step"),
                 restarts=1,
                 random_start="uniform",
                 bn_mode="eval",
