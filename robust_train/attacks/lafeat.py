@@ -18,9 +18,11 @@ Two parts:
 2. **The attack** (§8.2-8.4). Per run with a fixed mixing weight beta: APGD-style start, cosine-annealed
    sign step from 2 eps, momentum 0.75, margin-normalized logits
    `zc = beta * m_h * h / s(h) + (1 - beta * m_h) * z / s(z)`; examples already misclassified freeze.
-   Runs go over the betas in the interleaved order (0.4, 0.5, 0.3, ...) and attack only the points
-   still robust; `targeted: true` adds, after the untargeted runs, one run per beta and per target
-   class (the 2nd..10th largest clean logits) on -CE towards the target.
+   A run of N iterations scores the iterates it takes gradients at, x_0 ... x_{N-1}, as the official
+   loop does; the last update's result x_N is never scored. Runs go over the betas in the interleaved
+   order (0.4, 0.5, 0.3, ...) and attack only the points still robust; `targeted: true` adds, after
+   the untargeted runs, one run per beta and per target class (the 2nd..10th largest clean logits) on
+   -CE towards the target, each target from a fresh random start.
 
 The attack works on a whole evaluation set at once (`whole_set`): it sorts the points by clean margin
 and batches them itself, and it fingerprints the model once per call.
@@ -435,16 +437,24 @@ class LAFEAT(Attack):
         y: torch.Tensor,
         beta: float,
         target: torch.Tensor | None,
+        draw: int = 0,
     ) -> torch.Tensor:
-        """One N-iteration run with a fixed beta (§8.2, §8.3); returns x_N (frozen where fooled)."""
+        """One N-iteration run with a fixed beta (§8.2, §8.3) from the `draw`-th random start.
+
+        Returns the last iterate the run scored: x_{N-1}, or x_i if every point was fooled at x_i.
+        Fooled points are frozen where they were first fooled, so for them it is that iterate.
+        """
         eps = max(self.threat.eps - _EPS_SHRINK, 0.0)
         lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
         # The official code resets the torch seed before every run: the same start for every beta.
+        # Its targeted attack reseeds once and draws the next start for each target in turn.
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        t = 2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
+        for _ in range(draw + 1):
+            t = 2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
         t = t / t.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
         x_cur = (x + eps * t).clamp(0, 1)
         x_prev = x_cur
+        x_scored = x_cur  # N = 0: the start, which perturb's fresh forward then scores
         shape = (-1,) + (1,) * (x.dim() - 1)
         with capture_features(model, [layer]) as feats:
             for i in range(self.iterations):
@@ -453,6 +463,9 @@ class LAFEAT(Attack):
                 z = model(xr)
                 h = head(feats[layer])
                 m_z = z.detach().argmax(1) == y
+                # The official loop scores the iterate it takes the gradient at and only then steps,
+                # so the step's result is scored at the next iteration and x_N never is.
+                x_scored = x_cur
                 if not bool(m_z.any()):
                     self.forward_passes += 1
                     break
@@ -469,7 +482,7 @@ class LAFEAT(Attack):
                     x_next = x_cur + m * (a * (x_step - x_cur) + (1 - a) * (x_cur - x_prev))
                     x_next = torch.minimum(torch.maximum(x_next, lo), hi)
                 x_prev, x_cur = x_cur, x_next
-        return x_cur.detach()
+        return x_scored.detach()
 
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective
@@ -504,11 +517,14 @@ class LAFEAT(Attack):
                 for i in range(0, idx.numel(), bs):
                     b = idx[i : i + bs]
                     target = None if c is None else ranked[b, c]
-                    xb = self._run(model, head, layer, x[b], y[b], beta, target)
+                    # Target rank c + 1 takes the c-th start after the reseed, so rank 2 starts where
+                    # the untargeted run did and every later target from a fresh one.
+                    draw = 0 if c is None else c - 1
+                    xb = self._run(model, head, layer, x[b], y[b], beta, target, draw)
                     with torch.no_grad():
                         fooled = model(xb).argmax(1) != y[b]
                     self.forward_passes += 1
-                    # Points still robust keep this run's perturbed input (the next run overwrites it;
+                    # Points still robust keep this run's last scored iterate (the next run overwrites it;
                     # fooled points leave the robust set and are frozen). Accuracy is the same as when
                     # only fooled points are replaced, but layer-wise analyses of "LAFEAT inputs" then
                     # see perturbed inputs everywhere, not clean ones for every robust point.

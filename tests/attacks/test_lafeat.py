@@ -11,12 +11,19 @@ from feature_attack_helpers import SmallNet, trained_small_net
 from torch import nn
 
 from robust_train.attacks import LAFEAT, PGD, ThreatModel, build_attack
-from robust_train.attacks.lafeat import LatentHead, beta_order, default_layers, model_fingerprint
+from robust_train.attacks.lafeat import (
+    LatentHead,
+    beta_order,
+    default_layers,
+    mixed_logits,
+    model_fingerprint,
+)
 from robust_train.data import to_float
 from robust_train.errors import ConfigError
 from robust_train.models import build_model, forward_with_features
 
 EPS = 0.1  # the mnist5k threat model
+EPS_RUN = EPS - 1.9e-8  # the official float-safety shrink
 
 
 @pytest.fixture(scope="module")
@@ -161,40 +168,178 @@ def test_heads_learn_the_model_prediction_and_the_model_stays_frozen(tmp_path) -
     assert all(p.grad is None for p in model.parameters())
 
 
-def _direct_apgd_cosine(model: nn.Module, x, y, eps: float, n: int, seed: int) -> torch.Tensor:
-    """β = 0 reference written from spec §8.2 alone: CE on margin-normalized logits, APGD momentum."""
+def _start(x: torch.Tensor, eps: float, seed: int, draw: int = 0) -> torch.Tensor:
+    """The APGD-style start of spec §8.2 from the `draw`-th uniform draw after seeding."""
     gen = torch.Generator().manual_seed(seed)
-    t = torch.rand(x.shape, generator=gen, dtype=torch.float64) * 2 - 1
-    t = t / t.reshape(x.shape[0], -1).abs().max(dim=1).values.reshape(-1, 1, 1, 1)
+    for _ in range(draw + 1):
+        t = torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1
+    t = t / t.reshape(x.shape[0], -1).abs().max(dim=1).values.reshape(-1, *[1] * (x.dim() - 1))
+    return torch.clamp(x + eps * t, 0, 1)
+
+
+def _official_run(model: nn.Module, x, y, eps: float, n: int, seed: int, head: nn.Module | None = None,
+                  beta: float = 0.0, target=None, draw: int = 0) -> torch.Tensor:  # fmt: skip
+    """One run written from spec §8.2/§8.3 in the official loop's order, not from our code.
+
+    Each iteration evaluates x_i, records the points fooled there, and only then steps, so x_N is
+    never scored. `head=None` is spec §10's "heads ignored" (β = 0). Fooled points come back where
+    they were fooled (the official record); the others as x_{N-1} (our choice; officially clean x).
+    """
+    feats: dict[str, torch.Tensor] = {}
+    hook = model.block2.register_forward_hook(lambda m, i, out: feats.update(f=out))
     lo, hi = torch.clamp(x - eps, min=0), torch.clamp(x + eps, max=1)
-    cur = torch.clamp(x + eps * t, 0, 1)
-    prev = cur
+    cur = _start(x, eps, seed, draw)
+    prev, best, fooled = cur, cur.clone(), torch.zeros_like(y, dtype=torch.bool)
     for i in range(n):
         step = eps * (1 + math.cos(math.pi * i / n))  # 2 eps (1 + cos) / 2
         v = cur.clone().requires_grad_(True)
         z = model(v)
-        top = z.detach().sort(dim=1, descending=True).values
-        scale = (top[:, 0] - top[:, 1] + 1e-8).reshape(-1, 1)
-        grad = torch.autograd.grad(F.cross_entropy(z / scale, y, reduction="sum"), v)[0]
-        keep = (z.detach().argmax(1) == y).double().reshape(-1, 1, 1, 1)
+        s_z = (z.detach().topk(2).values @ torch.tensor([1.0, -1.0], dtype=z.dtype) + 1e-8)[:, None]
+        zc = z / s_z
+        if head is not None:
+            h = head(feats["f"])
+            m_h = (h.detach().argmax(1) == y).to(z.dtype)[:, None]
+            s_h = (h.detach().topk(2).values @ torch.tensor([1.0, -1.0], dtype=h.dtype) + 1e-8)[:, None]
+            zc = beta * m_h * h / s_h + (1 - beta * m_h) * z / s_z
+        loss = F.cross_entropy(zc, y, reduction="sum") if target is None else \
+            -F.cross_entropy(zc, target, reduction="sum")  # fmt: skip
+        grad = torch.autograd.grad(loss, v)[0]
+        keep = (z.detach().argmax(1) == y).to(x.dtype).reshape(-1, 1, 1, 1)
         proposal = torch.min(torch.max(cur + keep * step * grad.sign(), lo), hi)
         a = 1.0 if i == 0 else 0.75
         nxt = torch.min(torch.max(cur + keep * (a * (proposal - cur) + (1 - a) * (cur - prev)), lo), hi)
+        wrong = keep.flatten() == 0
+        best[wrong] = nxt[wrong]  # what the official code records: x_{i+1}, frozen at x_i
+        fooled |= wrong
         prev, cur = cur, nxt
-    return cur
+    hook.remove()
+    best[~fooled] = prev[~fooled]
+    return best
 
 
-def test_beta_zero_run_is_apgd_momentum_with_cosine_step_on_normalized_logits(trained) -> None:
+def _float64_net(trained: dict) -> nn.Module:
     model = SmallNet().double().eval()
     model.load_state_dict({k: v.double() for k, v in trained["model"].state_dict().items()})
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+def test_beta_zero_run_is_apgd_momentum_with_cosine_step_on_normalized_logits(trained) -> None:
+    model = _float64_net(trained)
     x, y = trained["x"][:16].double(), trained["y"][:16]
     attack = LAFEAT(ThreatModel("linf", EPS), iterations=7, layer="block2", head_data="attacked", seed=5)
     head = LatentHead((16, 4, 4), 10, 8, 8).double()
     ours = attack._run(model, head, "block2", x, y, beta=0.0, target=None)
-    ref = _direct_apgd_cosine(model, x, y, EPS - 1.9e-8, 7, seed=5)
+    ref = _official_run(model, x, y, EPS_RUN, 7, seed=5)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_mixed_logits_follow_the_formula() -> None:
+    """zc = β m_h h / s(h) + (1 - β m_h) z / s(z), s = top1 - top2 + 1e-8 on detached logits."""
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    h = torch.tensor([[1.0, 0.5, 0.0], [0.0, 2.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0])  # the head predicts y for row 0 only (m_h = 1, 0)
+    zc = mixed_logits(z, h, y, beta=0.3)
+    s_z, s_h = torch.tensor([[2.0], [2.0]], dtype=torch.float64) + 1e-8, 0.5 + 1e-8
+    expected = torch.stack([0.3 * h[0] / s_h + 0.7 * z[0] / s_z[0], z[1] / s_z[1]])
+    torch.testing.assert_close(zc, expected, rtol=1e-12, atol=0)
+    # Detached scales: the gradient is the fixed weights, not the scales' own derivative.
+    gz, gh = torch.autograd.grad(zc.sum(), (z, h))
+    torch.testing.assert_close(gh, torch.tensor([[0.3 / s_h] * 3, [0.0] * 3], dtype=torch.float64))
+    torch.testing.assert_close(gz, (torch.tensor([[0.7], [1.0]], dtype=torch.float64) / s_z).expand(2, 3))
+
+
+@pytest.mark.parametrize("beta,targeted", [(0.3, False), (1.0, False), (0.8, True)])
+def test_mixed_run_matches_the_official_loop(trained, beta, targeted) -> None:
+    """The latent term with its weight and normalization, against a loop written from the spec."""
+    model = _float64_net(trained)
+    x, y = trained["x"][:16].double(), trained["y"][:16]
+    # A head close to the model's classifier: it agrees with y on some points (m_h = 1), not on all.
+    head = nn.Sequential(nn.Flatten(), nn.Linear(256, 10)).double()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        noise = torch.randn(10, 256, generator=gen, dtype=torch.float64)
+        head[1].weight.copy_(model.fc.weight + model.fc.weight.std() * noise)
+        head[1].bias.copy_(model.fc.bias)
+        z, feats = forward_with_features(model, x, ["block2"])
+        on = (head(feats["block2"]).argmax(1) == y) & (z.argmax(1) == y)
+    assert 4 <= int(on.sum()) <= 12  # the latent term is live on some points, masked on others
+    target = z.argsort(1, descending=True)[:, 2] if targeted else None
+    draw = 1 if targeted else 0
+    attack = LAFEAT(ThreatModel("linf", EPS), iterations=6, layer="block2", head_data="attacked", seed=3)
+    ours = attack._run(model, head, "block2", x, y, beta, target, draw)
+    ref = _official_run(model, x, y, EPS_RUN, 6, seed=3, head=head, beta=beta, target=target, draw=draw)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    without = attack._run(model, head, "block2", x, y, 0.0, target, draw)
+    assert not torch.equal(ours, without)  # β moves the iterates here, so the match is not vacuous
+
+
+class _Linear(nn.Module):
+    """Two classes, fooled (class 1) once sum(x) > b; the gradient sign is +1 everywhere."""
+
+    def __init__(self, b: float) -> None:
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[0.0] * 4, [1.0] * 4]))
+            self.fc.bias.copy_(torch.tensor([0.0, -b]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flat(x))
+
+
+def test_a_run_scores_x0_to_x_n_minus_1_never_x_n(tmp_path) -> None:
+    """Spec §8.2: the official loop scores x_i before stepping, so a point only x_N fools stays robust.
+
+    The first step (2 eps) saturates every pixel at x + eps: x_1 maximizes sum(x). With b between
+    sum(x_0) and sum(x_1), N = 1 must leave the point robust at x_0 and N = 2 must fool it at x_1.
+    """
+    x, y = torch.full((1, 1, 2, 2), 0.5), torch.tensor([0])
+    x0, x1 = _start(x, EPS_RUN, seed=0), x + EPS_RUN
+    b = (max(x0.sum().item(), 2.0) + x1.sum().item()) / 2
+    model = _Linear(b).eval()
+    for n, fooled, expected in [(1, False, x0), (2, True, x1)]:
+        attack = LAFEAT(ThreatModel("linf", EPS), iterations=n, betas=[0.0], layer="flat", head_epochs=0,
+                        head_data="attacked", cache_dir=tmp_path)  # fmt: skip
+        x_adv = attack(model, x, y)
+        with torch.no_grad():
+            assert (model(x_adv).argmax(1) != y).item() is fooled, n
+        torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-7)
+        assert attack.report["runs"][-1]["robust_accuracy"] == (0.0 if fooled else 100.0)
+
+
+def test_targeted_runs_draw_a_fresh_start_per_target(tmp_path, monkeypatch) -> None:
+    """Spec §8.3: the official targeted attack reseeds once per beta, then each target takes the next
+    random start; the untargeted runs reseed every run (the same start for every beta)."""
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    with torch.no_grad():
+        model.fc.bias[3] = 100.0  # always class 3: no start fools, so every run sees the same batch
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    y = torch.full((6,), 3)
+    # N = 0: a run returns its start unchanged.
+    attack = LAFEAT(ThreatModel("linf", EPS), iterations=0, betas=[0.0, 0.5], targeted=True, n_targets=3,
+                    layer="block2", head_epochs=0, head_data="attacked", seed=4,
+                    cache_dir=tmp_path)  # fmt: skip
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    run = attack._run
+
+    def spy(*args, **kw):
+        out = run(*args, **kw)
+        calls.append((args[3], out))
+        return out
+
+    monkeypatch.setattr(attack, "_run", spy)
+    attack(model, x, y)
+    # Runs: untargeted β 0, 0.5; then β 0 with target ranks 2, 3, 4; then β 0.5 with ranks 2, 3, 4.
+    draws = [0, 0, 0, 1, 2, 0, 1, 2]
+    assert len(calls) == len(draws)
+    for (xb, start), draw in zip(calls, draws):
+        torch.testing.assert_close(start, _start(xb, EPS_RUN, seed=4, draw=draw), rtol=0, atol=1e-7)
+    targets = [start for _, start in calls[2:5]]
+    assert not torch.equal(targets[0], targets[1]) and not torch.equal(targets[1], targets[2])
 
 
 def test_targeted_mode_adds_one_run_per_beta_and_target(trained, tmp_path) -> None:
