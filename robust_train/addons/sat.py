@@ -11,8 +11,9 @@ Both read the layers declared by `required_layers` from the step's shared forwar
 per step, the clean reference and the outer forwards), so SAT adds no forward or backward pass to the host
 step, except the clean reference's one no-grad forward for hosts that do not already need it (PGD-AT, MART;
 the spec's pseudocode b.4 makes the same clean forward). The attack itself is the host's (steps, step size,
-start, restarts and BN mode are the host's `defense.attack.*` keys). AWP composes as in spec b.5: the host's
-AWP is entered before SAT's outer loss, and its ascent sees the host loss only.
+start, restarts and BN mode are the host's `defense.attack.*` keys), except that `init: code_gaussian`
+replaces its start by the authors' code's (spec g.7). AWP composes as in spec b.5: the host's AWP is entered
+before SAT's outer loss, and its ascent sees the host loss only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_train.addons.base import Addon, AddonContext
+from robust_train.attacks import ThreatModel
 from robust_train.config import to_float
 from robust_train.errors import ConfigError
 from robust_train.models.features import resolve_layer
@@ -39,9 +42,11 @@ LAM_SAMPLINGS = ("per_step_batch", "per_batch_fixed", "per_sample_fixed")
 SHIFT_REDUCTIONS = ("batch_frobenius", "per_sample")
 CLUSTER_FORMS = ("code", "paper", "l2dist")
 CLUSTER_INPUTS = ("adv", "clean", "both")
+INITS = ("host", "code_gaussian")
 KEYS = (
     "enabled",
     "layers",
+    "init",
     "lam",
     "lam_sampling",
     "shift_reduction",
@@ -134,6 +139,23 @@ def cluster_loss(
     return total / len(feats)
 
 
+@dataclass(frozen=True)
+class CodeGaussianStart(ThreatModel):
+    """The threat model with the SAT code's random start (spec c `init`, g.7), for L-inf only.
+
+    delta0 = eps * (2 * N(0, I) - 1), then x + delta0 clipped to [0, 1] and *not* projected onto the eps-ball:
+    per pixel the start has mean -eps and std 2*eps, so about 2/3 of the pixels start outside the ball (half
+    of all pixels below -eps). The first attack step projects it, as the code does.
+    The host's `random_start` kind is ignored; the draw uses the attack's generator like the host starts.
+    """
+
+    def random_init(
+        self, x: torch.Tensor, kind: str = "uniform", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.box(self.eps * (2 * noise - 1), x)
+
+
 def default_taps(model: nn.Module) -> list[str]:
     """`layers: auto`: the last two residual blocks of the model's last stage (spec b.1)."""
     base = getattr(model, "_orig_mod", model)
@@ -146,6 +168,28 @@ def default_taps(model: nn.Module) -> list[str]:
         )
     last = [b for b in blocks if b.startswith(stages[-1] + ".")] or blocks
     return last[-2:]
+
+
+def _code_gaussian_problems(run_cfg: Any) -> list[str]:
+    """`init: code_gaussian` is the code's L-inf start and is only projected by a first attack step."""
+    problems: list[str] = []
+    if run_cfg is None:
+        return problems
+    threat = run_cfg.get("threat") or {}
+    attack = (run_cfg.get("defense") or {}).get("attack") or {}
+    norm = attack.get("norm") or threat.get("norm")
+    if norm is not None and norm != "linf":
+        problems.append(
+            f"addons.sat.init=code_gaussian is the authors' L-inf start; threat.norm={norm!r} needs "
+            "addons.sat.init=host"
+        )
+    steps = attack.get("steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
+        problems.append(
+            f"addons.sat.init=code_gaussian needs defense.attack.steps >= 1 (got {steps}): its start lies "
+            "outside the eps-ball until the first step projects it"
+        )
+    return problems
 
 
 class SAT(Addon):
@@ -165,6 +209,17 @@ class SAT(Addon):
         self.cluster_form = str(cfg.get("cluster_form", "code"))
         self.cluster_inputs = str(cfg.get("cluster_inputs", "adv"))
         self.min_class_count = int(cfg.get("min_class_count", 2))
+        self.init = str(cfg.get("init", "host"))
+        if self.init not in INITS:
+            raise ConfigError(
+                f"addons.sat.init={self.init!r} is not allowed; choose one of: {', '.join(INITS)}"
+            )
+        attack = getattr(ctx.defense, "attack", None)
+        if self.init == "code_gaussian" and not isinstance(getattr(attack, "threat", None), ThreatModel):
+            raise ConfigError(
+                "addons.sat.init=code_gaussian needs a training attack that draws its start from a threat "
+                f"model (pgd, cw, fgsm); defense.attack is {type(attack).__name__}"
+            )
         self.num_classes = int(ctx.num_classes)
         layers = cfg.get("layers", "auto")
         self.layers = default_taps(ctx.model) if layers in (None, "auto") else [str(n) for n in layers]
@@ -223,6 +278,12 @@ class SAT(Addon):
                 "addons.sat.lam_sampling=per_sample_fixed needs addons.sat.shift_reduction=per_sample: "
                 "a batch Frobenius shift has no per-sample term to weight"
             )
+        # A missing key is the host's start: configs saved before the option existed stay valid.
+        init = cfg.get("init", "host")
+        if init not in INITS:
+            problems.append(f"addons.sat.init={init!r} is not allowed; choose one of: {', '.join(INITS)}")
+        elif init == "code_gaussian":
+            problems.extend(_code_gaussian_problems(run_cfg))
         if cfg.get("awp_include_cluster"):
             problems.append(
                 "addons.sat.awp_include_cluster=true is not supported: the step's AWP ascent sees only the "
@@ -258,7 +319,19 @@ class SAT(Addon):
         # A new batch: the *_fixed modes draw a fresh Λ for it on first use.
         self._batch_lam = None
         self.drawn = []
-        yield
+        attack = self.ctx.defense.attack
+        if self.init != "code_gaussian" or attack is None:
+            yield
+            return
+        # Built from the attack's current threat, so an eps already changed by an earlier add-on's
+        # context (ISEAT's warm start) is kept; an add-on entered after SAT that swaps the threat itself
+        # would drop this start.
+        threat = attack.threat
+        attack.threat = CodeGaussianStart(threat.norm, threat.eps)
+        try:
+            yield
+        finally:
+            attack.threat = threat
 
     # ----------------------------------------------------------------- hooks
     def inner_objective(

@@ -7,14 +7,26 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robust_train.errors import ConfigError
 from robust_train.models.base import RobustModel, pool_flatten, scale_channels, sequential_block_names
+
+# What the projection shortcut (1x1 conv) reads: `preact` = relu(bn1(x)) as in the robust_overfitting /
+# AWP PreActResNet-18; `raw` = the block input x as in the ISEAT authors' PreActResNet-18 (spec iseat.md,
+# official code notes). Identity shortcuts always add the raw input.
+SHORTCUT_INPUTS = ("preact", "raw")
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv-BN-ReLU-conv; the projection shortcut (1x1 conv, no BN) sees the pre-activated input."""
+    """BN-ReLU-conv-BN-ReLU-conv; the projection shortcut (1x1 conv, no BN) reads `shortcut_input`."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut_input: str = "preact") -> None:
         super().__init__()
+        if shortcut_input not in SHORTCUT_INPUTS:
+            raise ConfigError(
+                f"model.shortcut_input={shortcut_input!r} is not allowed; choose one of: "
+                f"{', '.join(SHORTCUT_INPUTS)}"
+            )
+        self.shortcut_input = shortcut_input
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -28,11 +40,17 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a = F.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(a)
+        if self.shortcut is None:
+            shortcut = x
+        else:
+            shortcut = self.shortcut(x if self.shortcut_input == "raw" else a)
         out = self.conv1(a)
         out = self.conv2(F.relu(self.bn2(out)))
         # Out of place: a hook may hold conv2's output.
         return out + shortcut
+
+    def extra_repr(self) -> str:
+        return f"shortcut_input={self.shortcut_input}" if self.shortcut is not None else ""
 
 
 class PreActResNet(RobustModel):
@@ -49,9 +67,11 @@ class PreActResNet(RobustModel):
         std: Sequence[float],
         normalize: str = "meanstd",
         width: float = 1.0,
+        shortcut_input: str = "preact",
     ) -> None:
         super().__init__(num_classes, mean, std, normalize, width)
         self.arch = arch
+        self.shortcut_input = shortcut_input
         in_planes = scale_channels(stem_channels, width)
         self.conv1 = nn.Conv2d(3, in_planes, kernel_size=3, stride=1, padding=1, bias=False)
         names: list[str] = []
@@ -61,7 +81,7 @@ class PreActResNet(RobustModel):
             layers = []
             for j in range(blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
-                layers.append(PreActBlock(in_planes, planes, stride))
+                layers.append(PreActBlock(in_planes, planes, stride, shortcut_input))
                 in_planes = planes
             stage = nn.Sequential(*layers)
             name = f"layer{i + 1}"
@@ -87,10 +107,25 @@ def preact_resnet18(
     std: Sequence[float],
     width: float = 1.0,
     normalize: str = "meanstd",
+    shortcut_input: str = "preact",
 ) -> PreActResNet:
-    """PreActResNet-18: 64-ch stem, 4 stages x 2 blocks (64/128/256/512)."""
+    """PreActResNet-18: 64-ch stem, 4 stages x 2 blocks (64/128/256/512).
+
+    `shortcut_input` (see SHORTCUT_INPUTS) changes only the forward: the parameters and state_dict keys
+    are the same, so checkpoints of either variant load into the other (and silently compute something
+    else; the run config records the option).
+    """
     return PreActResNet(
-        "preact_resnet18", 64, (64, 128, 256, 512), (2, 2, 2, 2), num_classes, mean, std, normalize, width
+        "preact_resnet18",
+        64,
+        (64, 128, 256, 512),
+        (2, 2, 2, 2),
+        num_classes,
+        mean,
+        std,
+        normalize,
+        width,
+        shortcut_input,
     )
 
 

@@ -1,4 +1,4 @@
-"""Post-activation ResNet-18, CIFAR stem (TRADES / MART `models/resnet.py` layout)."""
+"""Post-activation ResNet-18: CIFAR stem (TRADES / MART `models/resnet.py` layout) or the SAT code's stem."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robust_train.errors import ConfigError
 from robust_train.models.base import RobustModel, pool_flatten, scale_channels, sequential_block_names
+
+# Stem before layer1 (conv, BN, ReLU in both):
+# - conv3x3: 3x3 stride-1 conv, the CIFAR ResNet-18 of TRADES / MART (32x32 input -> layer4 at 4x4);
+# - conv7x7_s2: torchvision's 7x7 stride-2 conv (padding 3) *without* its max-pool, the ResNet-18 of the
+#   SAT authors' code (spec sat.md d): 32x32 input -> layer4 at 2x2, so SAT's layer4 taps are 512*2*2 =
+#   2048-d instead of 8192-d, the size its lambda and beta were tuned on.
+STEMS = ("conv3x3", "conv7x7_s2")
 
 
 class BasicBlock(nn.Module):
@@ -33,7 +41,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(RobustModel):
-    """Stem conv3x3+BN+ReLU, 4 stages x 2 BasicBlocks (64/128/256/512), global average pool, Linear."""
+    """Stem conv-BN-ReLU (STEMS), 4 stages x 2 BasicBlocks (64/128/256/512), global average pool, Linear."""
 
     arch = "resnet18"
 
@@ -44,10 +52,19 @@ class ResNet18(RobustModel):
         std: Sequence[float],
         normalize: str = "meanstd",
         width: float = 1.0,
+        stem: str = "conv3x3",
     ) -> None:
         super().__init__(num_classes, mean, std, normalize, width)
+        if stem not in STEMS:
+            raise ConfigError(f"model.stem={stem!r} is not allowed; choose one of: {', '.join(STEMS)}")
+        self.stem = stem
         in_planes = scale_channels(64, width)
-        self.conv1 = nn.Conv2d(3, in_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        # Same module names for both stems (conv1, bn1): only conv1's kernel shape differs, so a checkpoint
+        # of the other stem is refused by the shape check instead of loading.
+        if stem == "conv7x7_s2":
+            self.conv1 = nn.Conv2d(3, in_planes, kernel_size=7, stride=2, padding=3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, in_planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(in_planes)
         stages: list[nn.Sequential] = []
         for i, channels in enumerate((64, 128, 256, 512)):
@@ -73,6 +90,7 @@ def resnet18(
     std: Sequence[float],
     width: float = 1.0,
     normalize: str = "meanstd",
+    stem: str = "conv3x3",
 ) -> ResNet18:
-    """Post-activation ResNet-18 (CIFAR stem)."""
-    return ResNet18(num_classes, mean, std, normalize, width)
+    """Post-activation ResNet-18; `stem` picks the CIFAR 3x3 stem (default) or the SAT code's 7x7/2 one."""
+    return ResNet18(num_classes, mean, std, normalize, width, stem)

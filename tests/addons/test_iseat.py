@@ -24,7 +24,7 @@ from robust_train.addons.iseat import (
 )
 from robust_train.addons.iseat_analysis import av_statistics, margin_along_direction
 from robust_train.attacks import ThreatModel
-from robust_train.builders import threat_from_config
+from robust_train.builders import model_from_config, threat_from_config
 from robust_train.config import validate_train_config
 from robust_train.defenses import build_defense, perturbed_parameter_names
 from robust_train.errors import ConfigError
@@ -463,6 +463,22 @@ def test_svhn_preset_ramps_eps_and_keeps_lambda_and_nu_off(compose, model, data)
         assert (defense.attack.threat.eps, defense.attack.step_size) == (8 / 255, 1 / 255)  # restored
     addon.on_epoch_start(0)
     assert torch.equal(TrainStep(model, defense, _sgd(model), [addon]).craft(x, y), x)  # eps = 0 in epoch 0
+
+
+PRN18_PRESETS = sorted(p.stem for p in (CONF / "experiment" / "iseat").glob("*prn18.yaml"))
+
+
+def test_prn18_presets_use_the_released_codes_raw_input_shortcut(compose) -> None:
+    # The released PreActResNet-18 feeds the block input itself to the 1x1 projection shortcut.
+    assert PRN18_PRESETS == ["cifar100_prn18", "cifar10_prn18", "svhn_prn18", "tiny_imagenet_prn18"]
+    for name in PRN18_PRESETS:
+        cfg = compose([f"experiment=iseat/{name}", "logger=none", "model.width=0.0625"])
+        assert cfg.model.name == "preact_resnet18" and cfg.model.shortcut_input == "raw", name
+        net = model_from_config(cfg.model, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
+        assert {b.shortcut_input for b in net.modules() if hasattr(b, "shortcut")} == {"raw"}, name
+    # Other ISEAT presets are not PreActResNet-18 models and do not carry the key.
+    others = [p for p in (CONF / "experiment" / "iseat").glob("*.yaml") if p.stem not in PRN18_PRESETS]
+    assert others and all("shortcut_input" not in p.read_text() for p in others)
 
 
 @pytest.mark.parametrize("gamma,lam,model_passes,proxy_passes", [(0.01, 0.1, K + 2, 1), (0.01, 0.0, K + 1, 1),

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
 from robust_train.addons import check_addons
 from robust_train.addons.base import AddonContext
-from robust_train.addons.sat import SAT, cluster_loss, default_taps, feature_shift
+from robust_train.addons.sat import SAT, CodeGaussianStart, cluster_loss, default_taps, feature_shift
 from robust_train.addons.sat_metrics import class_centroids, clustering_accuracy, clustering_accuracy_report
 from robust_train.attacks import ThreatModel
+from robust_train.builders import model_from_config
 from robust_train.config import validate_train_config
 from robust_train.defenses import build_defense
 from robust_train.errors import ConfigError
@@ -286,6 +289,106 @@ def test_sat_trades_does_not_collapse_to_the_start(prn, data) -> None:
     assert float(r_inf.mean()) > EPS / 2
 
 
+# ---------------------------------------------------------------------------------------------- init (g.7)
+def test_code_gaussian_start_distribution_shape_and_clipping() -> None:
+    threat = CodeGaussianStart("linf", EPS)
+    x = torch.full((64, 3, 16, 16), 0.5, dtype=torch.float64)
+    x[:, :, 0] = 0.0  # box boundaries: the start is clipped to [0, 1] there
+    x[:, :, 1] = 1.0
+    delta = threat.random_init(x, "none", torch.Generator().manual_seed(0))  # the host's kind is ignored
+    assert delta.shape == x.shape and delta.dtype == x.dtype
+    # Exactly the code's x + eps * (2 * N(0, 1) - 1), clipped to [0, 1] only.
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(x + delta, (x + EPS * (2 * noise - 1)).clamp(0, 1))
+    inner = delta[:, :, 2:].flatten()
+    # Gaussian with mean -eps and std 2 eps (not U(-eps, eps), not projected onto the ball) ...
+    assert abs(float(inner.mean()) / EPS + 1) < 0.02
+    assert abs(float(inner.std()) / EPS - 2) < 0.02
+    # ... so P(|delta| > eps) = P(N < 0) + P(N > 1) = 0.5 + 0.1587 and P(delta < -eps) = 0.5.
+    outside = float((inner.abs() > EPS).double().mean())
+    assert abs(outside - (0.5 + 0.5 * math.erfc(1 / math.sqrt(2)))) < 0.01
+    assert abs(float((inner < -EPS).double().mean()) - 0.5) < 0.01
+    assert float(inner.abs().max()) > 3 * EPS
+    # At the box boundaries only the inward part survives.
+    assert float(delta[:, :, 0].min()) == 0.0 and float(delta[:, :, 1].max()) == 0.0
+    assert float((x + delta).min()) >= 0.0 and float((x + delta).max()) <= 1.0
+
+
+def test_code_gaussian_init_is_the_attacks_first_point_and_the_step_projects_it(prn, data) -> None:
+    x, y = data
+    defense = _defense("pgd_at")
+    host_threat = defense.attack.threat
+    sat = _sat(prn, defense, init="code_gaussian")
+    points: list[torch.Tensor] = []
+
+    def objective(model: nn.Module, x_in: torch.Tensor) -> torch.Tensor:
+        points.append(x_in.detach().clone())
+        return F.cross_entropy(model(x_in), y, reduction="none")
+
+    prn.eval()
+    torch.manual_seed(7)
+    noise = torch.randn(x.shape, dtype=x.dtype)
+    torch.manual_seed(7)
+    with sat.attack_context(prn, x, y):
+        assert isinstance(defense.attack.threat, CodeGaussianStart)
+        assert defense.attack.threat.eps == host_threat.eps
+        x_adv = defense.attack(prn, x, y, objective)
+    assert defense.attack.threat is host_threat  # restored after the batch
+    start = points[0]
+    torch.testing.assert_close(start, (x + EPS * (2 * noise - 1)).clamp(0, 1), rtol=0, atol=1e-15)
+    assert float((start - x).abs().max()) > EPS  # the start is outside the ball ...
+    for later in [*points[1:], x_adv]:  # ... every later point is inside it and the box
+        assert float((later - x).abs().max()) <= EPS + 1e-7
+        assert float(later.min()) >= 0.0 and float(later.max()) <= 1.0
+    # The host start (default) is unchanged, and code_gaussian changes the attack in a full SAT step.
+    assert _sat(prn, defense).init == "host"
+    torch.manual_seed(7)
+    host = TrainStep(prn, defense, _sgd(prn), [_sat(prn, defense)]).craft(x, y)
+    torch.manual_seed(7)
+    code = TrainStep(prn, defense, _sgd(prn), [_sat(prn, defense, init="code_gaussian")]).craft(x, y)
+    assert not torch.equal(host, code)
+    assert float((code - x).abs().max()) <= EPS + 1e-7
+
+
+def test_code_gaussian_init_config_checks(compose) -> None:
+    base = ["addons=[sat]", "logger=none", "addons.sat.init=code_gaussian"]
+    assert check_addons(compose(base)) == []
+    l2 = check_addons(compose([*base, "threat.norm=l2", "threat.eps=0.5", "threat.step=0.1"]))
+    assert any("addons.sat.init=code_gaussian is the authors' L-inf start" in p for p in l2)
+    zero = check_addons(compose([*base, "defense.attack.steps=0"]))
+    assert any("needs defense.attack.steps >= 1" in p for p in zero)
+    # A config saved before the key existed means the host's start.
+    cfg = compose(["addons=[sat]", "logger=none", "~addons.sat.init"])
+    assert "init" not in cfg.addons.sat and check_addons(cfg) == []
+
+
+SAT_PRESETS = sorted((CONF / "experiment" / "sat").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SAT_PRESETS, ids=lambda p: p.stem)
+def test_presets_use_the_authors_stem_and_start(path: Path) -> None:
+    preset = yaml.safe_load(path.read_text())
+    overrides = {k: v for d in preset["defaults"] if isinstance(d, dict) for k, v in d.items()}
+    model, defense = overrides["override /model"], overrides["override /defense"]
+    # ResNet-18: the authors' 7x7 stride-2 stem (2048-d taps, the size lambda/beta were tuned on).
+    assert preset["model"].get("stem") == ("conv7x7_s2" if model == "resnet18" else None)
+    # The authors' SAT attack starts from their Gaussian; SAT-TRADES keeps TRADES' start (spec b.5, no code).
+    init = preset["addons"]["sat"].get("init", "host")
+    assert init == ("host" if defense == "trades" else "code_gaussian")
+    assert preset["defense"]["attack"]["steps"] >= 1 and preset["threat"]["norm"] == "linf"
+
+
+def test_resnet18_preset_taps_are_2048_dim_at_full_width(compose) -> None:
+    cfg = compose(["experiment=sat/sat_resnet18", "logger=none"])
+    torch.manual_seed(0)
+    model = model_from_config(cfg.model, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3).eval()
+    taps = default_taps(model)
+    assert taps == ["layer4.0", "layer4.1"]
+    with torch.no_grad():
+        _, feats = forward_with_features(model, torch.rand(2, 3, 32, 32), taps)
+    assert [feats[n].flatten(1).shape[1] for n in taps] == [2048, 2048]  # 512 channels x 2 x 2
+
+
 # ---------------------------------------------------------------------------------------------- (h.10)
 def test_taps_auto_exist_match_manual_recomputation_and_are_removed(prn, data) -> None:
     x, y = data
@@ -391,6 +494,7 @@ def test_bad_configs_are_refused_with_the_key(compose) -> None:
         "addons.sat.lam_sampling=per_sample_fixed": "needs addons.sat.shift_reduction=per_sample",
         "addons.sat.awp_include_cluster=true": "awp_include_cluster=true is not supported",
         "+addons.sat.lamda=0.1": "addons.sat.lamda is not a SAT option",
+        "addons.sat.init=uniform": "addons.sat.init='uniform' is not allowed; choose one of: host, code_",
         "defense=standard": "addons=[sat] does not compose with defense=standard",
     }
     for override, message in cases.items():

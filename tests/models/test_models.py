@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from robust_train.config import validate_train_config
 from robust_train.errors import CheckpointError, ConfigError
 from robust_train.models import (
+    _BUILDERS,
     MODEL_NAMES,
     Normalize,
     RobustModel,
@@ -318,10 +323,18 @@ def test_bad_options_raise() -> None:
     assert model.block1.layer[0].drop_rate == 0.3
 
 
+# Architecture options listed in conf/model/<name>.yaml, each at the builder's default.
+CONF_OPTIONS = {"resnet18": {"stem": "conv3x3"}, "preact_resnet18": {"shortcut_input": "preact"}}
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_conf_files(name: str) -> None:
     cfg = yaml.safe_load((CONF_DIR / f"{name}.yaml").read_text())
-    assert cfg == {"name": name, "width": 1.0, "normalize": "meanstd"}
+    options = CONF_OPTIONS.get(name, {})
+    assert cfg == {"name": name, "width": 1.0, "normalize": "meanstd", **options}
+    # The yaml default is the builder's default, so a config without the key builds the same model.
+    params = inspect.signature(_BUILDERS[name]).parameters
+    assert {key: params[key].default for key in options} == options
     cfg["width"] = TINY
     assert build_model(num_classes=10, mean=MEAN, std=STD, **cfg).arch == name
 
@@ -355,3 +368,138 @@ def test_check_state_dict_compatible() -> None:
     assert "missing keys: bn.weight" in message and "unexpected keys: bn1.weight" in message
     with pytest.raises(CheckpointError, match=r"shape mismatch: fc\.weight \(checkpoint \(100, 64\)"):
         check_state_dict_compatible(model, tiny("preact_resnet18", num_classes=100).state_dict(), "c100.pt")
+
+
+# ----------------------------------------------------------------------------- architecture options
+
+
+def _block_by_hand(block: nn.Module, x: torch.Tensor, shortcut_reads_raw: bool) -> torch.Tensor:
+    """A PreAct block written out: BN-ReLU-conv-BN-ReLU-conv plus the 1x1 shortcut of x or relu(bn1(x))."""
+    a = F.relu(block.bn1(x))
+    out = block.conv2(F.relu(block.bn2(block.conv1(a))))
+    if block.shortcut is None:
+        return out + x
+    return out + block.shortcut[0](x if shortcut_reads_raw else a)
+
+
+def _prn18(shortcut_input: str | None = None, seed: int = 0) -> RobustModel:
+    torch.manual_seed(seed)
+    kwargs = {} if shortcut_input is None else {"shortcut_input": shortcut_input}
+    return build_model("preact_resnet18", 10, MEAN, STD, width=TINY, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_preact_shortcut_input_raw_matches_a_hand_written_block(mode: str) -> None:
+    default, raw = _prn18(), _prn18("raw", seed=5)
+    # Same parameters and keys: the option changes the forward only, and checkpoints load either way.
+    assert list(raw.state_dict()) == list(default.state_dict())
+    raw.load_state_dict(default.state_dict())
+    default.train(mode == "train")
+    raw.train(mode == "train")
+    projection = [n for n in default.block_layers if default.get_submodule(n).shortcut is not None]
+    assert projection == ["layer2.0", "layer3.0", "layer4.0"]
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name in default.block_layers:
+            b_def, b_raw = default.get_submodule(name), raw.get_submodule(name)
+            x = torch.randn(2, b_def.bn1.num_features, 8, 8, generator=g)
+            out_def, out_raw = b_def(x), b_raw(x)
+            # Bit-exact: the default is today's block (shortcut of the pre-activated input).
+            assert torch.equal(out_def, _block_by_hand(b_def, x, shortcut_reads_raw=False)), name
+            assert torch.equal(out_raw, _block_by_hand(b_raw, x, shortcut_reads_raw=True)), name
+            if name in projection:
+                assert not torch.allclose(out_raw, out_def), name
+            else:
+                assert torch.equal(out_raw, out_def), name  # identity shortcuts always add x itself
+        x = images()
+        assert not torch.allclose(raw(x), default(x))
+
+
+def test_preact_shortcut_input_default_is_preact_and_bad_values_are_refused() -> None:
+    default, explicit = _prn18(), _prn18("preact")
+    assert default.shortcut_input == "preact" and default.layer2[0].shortcut_input == "preact"
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(default.eval()(x), explicit.eval()(x))
+    assert "shortcut_input=raw" in repr(_prn18("raw").layer2[0])
+    with pytest.raises(
+        ConfigError, match=r"model\.shortcut_input='post' is not allowed; choose one of: preact, raw"
+    ):
+        _prn18("post")
+    with pytest.raises(ConfigError, match=r"model\.shortcut_input is not an option of model 'resnet18'"):
+        build_model("resnet18", 10, MEAN, STD, width=TINY, shortcut_input="raw")
+
+
+def test_resnet18_conv7x7_stem_full_width_layer4_taps_are_2048_dim() -> None:
+    # A real full-width forward on two 32x32 images (well under a second on a CPU core).
+    torch.manual_seed(0)
+    sat_stem = build_model("resnet18", 10, MEAN, STD, stem="conv7x7_s2").eval()
+    taps = ["layer4.0", "layer4.1"]
+    with torch.no_grad():
+        logits, feats = forward_with_features(sat_stem, images(), [*sat_stem.feature_layers, *taps])
+    assert logits.shape == (2, 10)
+    assert [tuple(feats[n].shape[1:]) for n in sat_stem.feature_layers] == [
+        (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)
+    ]  # fmt: skip
+    assert [feats[n].flatten(1).shape[1] for n in taps] == [512 * 2 * 2] * 2 == [2048] * 2
+    # The default CIFAR stem keeps 32x32 through layer1: 512 * 4 * 4 = 8192-d taps (shapes only).
+    default = on_meta("resnet18")
+    with torch.device("meta"):
+        x = torch.empty(2, 3, 32, 32)
+    _, meta_feats = forward_with_features(default, x, taps)
+    assert [meta_feats[n].flatten(1).shape[1] for n in taps] == [8192] * 2
+    # 7x7 instead of 3x3 stem kernel: 3 * 64 * (49 - 9) more parameters, nothing else.
+    assert count_parameters(on_meta("resnet18")) + 3 * 64 * 40 == count_parameters(sat_stem) == 11_181_642
+
+
+def test_resnet18_conv7x7_stem_matches_a_hand_written_stem() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, MEAN, STD, width=TINY, stem="conv7x7_s2").eval()
+    seen: dict[str, torch.Tensor] = {}
+    model.layer1.register_forward_hook(lambda _m, inputs, _out: seen.__setitem__("in", inputs[0]))
+    x = images()
+    with torch.no_grad():
+        model(x)
+        # torchvision's stem (conv 7x7 stride 2 padding 3, BN, ReLU) with no max-pool after it.
+        by_hand = F.relu(model.bn1(F.conv2d(model.normalize(x), model.conv1.weight, stride=2, padding=3)))
+    assert seen["in"].shape == (2, 8, 16, 16)
+    assert torch.equal(seen["in"], by_hand)
+
+
+def test_resnet18_stem_default_unchanged_checkpoints_refused_across_stems_and_bad_values() -> None:
+    torch.manual_seed(0)
+    default = build_model("resnet18", 10, MEAN, STD, width=TINY).eval()
+    torch.manual_seed(0)
+    explicit = build_model("resnet18", 10, MEAN, STD, width=TINY, stem="conv3x3").eval()
+    assert (
+        default.stem == "conv3x3" and default.conv1.kernel_size == (3, 3) and default.conv1.stride == (1, 1)
+    )
+    with torch.no_grad():
+        assert torch.equal(default(images()), explicit(images()))
+    sat_stem = build_model("resnet18", 10, MEAN, STD, width=TINY, stem="conv7x7_s2")
+    assert list(sat_stem.state_dict()) == list(default.state_dict())
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch: conv1\.weight \(checkpoint \(8, 3, 3, 3\), model \(8, 3, 7, 7\)",
+    ):
+        check_state_dict_compatible(sat_stem, default.state_dict(), "cifar_stem.pt")
+    with pytest.raises(
+        ConfigError, match=r"model\.stem='imagenet' is not allowed; choose one of: conv3x3, conv7x7_s2"
+    ):
+        build_model("resnet18", 10, MEAN, STD, stem="imagenet")
+    with pytest.raises(ConfigError, match=r"model\.stem is not an option of model 'preact_resnet18'"):
+        build_model("preact_resnet18", 10, MEAN, STD, stem="conv7x7_s2")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=resnet18", "model.stem=bogus"], "model.stem='bogus' is not allowed"),
+        (["model.shortcut_input=post"], "model.shortcut_input='post' is not allowed"),
+        (["model=wrn28_10", "+model.stem=conv7x7_s2"], "model.stem is not an option of model 'wrn28_10'"),
+    ],
+)
+def test_run_config_validation_refuses_bad_architecture_options(compose, overrides, message) -> None:
+    # config.py checks these keys by building the model: the builders raise ConfigError naming the key.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_train_config(compose([*overrides, "logger=none"]))
