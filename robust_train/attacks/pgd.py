@@ -14,7 +14,8 @@ class PGD(Attack):
     """PGD with random start and restarts; keeps, per example, the restart with the highest objective.
 
     Step order (base spec §1.1): ascent step, projection onto the ball, clip to the box. The random
-    start is clipped to the box before the first gradient.
+    uniform start is clipped to the box before the first gradient; the `normal` start (TRADES/MART's
+    0.001·N(0, I)) is not, as in their official code.
     """
 
     name = "pgd"

@@ -40,12 +40,18 @@ class ThreatModel:
     def random_init(
         self, x: torch.Tensor, kind: str = "uniform", generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """A random start inside the ball and the box (base spec §1.1, §1.4, TRADES' 0.001*N(0,I))."""
+        """The starting perturbation of an attack loop (base spec §1.1, §1.4, §2.2, §3.1).
+
+        `uniform` (Madry) is projected onto the ball and clipped to the box, as robust_overfitting does.
+        `normal` is TRADES'/MART's 0.001*N(0, I), returned as drawn: the official codes take the first
+        gradient at x + 0.001*N(0, I) without clipping it to [0, 1] (nor to the ball), so pixels at 0 or
+        1 start outside the box; every step after it projects and clips as usual.
+        """
         if kind == "none" or self.eps == 0:
             return torch.zeros_like(x)
         if kind == "normal":
-            delta = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        elif kind == "uniform":
+            return 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if kind == "uniform":
             if self.norm == "linf":
                 u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 delta = (2 * u - 1) * self.eps

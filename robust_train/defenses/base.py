@@ -38,11 +38,15 @@ class Defense(ABC):
     name = "defense"
     # Which branch the training accuracy is measured on ('adv' for adversarial training).
     train_branch = "clean"
+    # The training attack's start when its node names none: the method's own (TRADES/MART: 0.001*N).
+    default_random_start = "uniform"
 
     def __init__(self, cfg: Any, threat: ThreatModel) -> None:
         self.cfg = cfg
         self.threat = threat
         attack_cfg = cfg.get("attack") if cfg is not None else None
+        if attack_cfg is not None and attack_cfg.get("random_start") is None:
+            attack_cfg = {**dict(attack_cfg), "random_start": self.default_random_start}
         self.attack: Attack | None = (
             build_attack(attack_cfg, threat, key="defense.attack") if attack_cfg is not None else None
         )

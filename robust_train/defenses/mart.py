@@ -15,6 +15,7 @@ from robust_train.training.forwards import StepForwards
 class MART(Defense):
     name = "mart"
     train_branch = "adv"
+    default_random_start = "normal"
 
     def __init__(self, cfg, threat) -> None:
         super().__init__(cfg, threat)

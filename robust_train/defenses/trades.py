@@ -19,6 +19,7 @@ from robust_train.training.forwards import CleanReference, StepForwards
 class TRADES(Defense):
     name = "trades"
     train_branch = "adv"
+    default_random_start = "normal"
 
     def __init__(self, cfg, threat) -> None:
         super().__init__(cfg, threat)

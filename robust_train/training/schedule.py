@@ -13,6 +13,10 @@ def lr_at(cfg: Any, base_lr: float, epochs: int, epoch: int, batch: int, n_batch
     constant. With `per_iteration` the schedule reads t = epoch + (batch+1)/n_batches (Rice et al.'s
     code, which drops the lr at the last iteration of epoch m-1); otherwise t = epoch. A linear warm-up
     over `warmup_epochs` multiplies any of them.
+
+    Milestones are 0-indexed like `epoch`: m lowers the lr from the first batch of epoch m, the (m+1)-th
+    epoch. Papers and the TRADES/MART/AWP/RWT scripts count epochs from 1 (`epoch >= 100` drops at the
+    100th epoch), so their drop at epoch n is milestone n - 1.
     """
     frac = epoch + (batch + 1) / max(n_batches, 1)
     t = frac if cfg.get("per_iteration", False) else float(epoch)

@@ -31,6 +31,7 @@ from robust_train.defenses.losses import kl_clean_adv
 from robust_train.errors import ConfigError
 from robust_train.models import build_model
 from robust_train.training.forwards import StepForwards
+from robust_train.training.schedule import lr_at
 from robust_train.training.step import TrainStep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -601,6 +602,23 @@ def test_paper_recipes_build_rwt_on_their_model(recipe, compose) -> None:
     assert isinstance(addon, RWT) and addon.final_layer == "fc"
     assert (addon.order, addon.eta, addon.noise_std) == (2, 0.2, 1e-4)
     assert addon.c == pytest.approx(1 - 2 / int(cfg.dataset.num_classes))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_paper_recipes_drop_the_lr_at_the_100th_and_150th_epoch(recipe, compose) -> None:
+    """Spec §d: lr / 10 at the 100th and 150th epochs; the authors' scripts count epochs from 1 and drop
+    when `epoch >= 100` / `>= 150`, i.e. at 0-indexed epochs 99 and 149 (our trainer's epochs)."""
+    cfg = compose([f"experiment=rwt/{recipe}", "logger=none"])
+    t = cfg.trainer
+    base, n = float(t.optimizer.lr), 391
+
+    def lr(epoch: int, batch: int) -> float:
+        return lr_at(t.schedule, base, int(t.epochs), epoch, batch, n)
+
+    assert int(t.epochs) == 200 and t.schedule.name == "piecewise"
+    assert lr(0, 0) == lr(98, 0) == lr(98, n - 1) == base
+    assert lr(99, 0) == pytest.approx(base * 0.1, rel=1e-12) and lr(148, n - 1) == lr(99, 0)
+    assert lr(149, 0) == pytest.approx(base * 0.01, rel=1e-12) and lr(199, n - 1) == lr(149, 0)
 
 
 # --------------------------------------------------------------------------- end to end
