@@ -293,7 +293,7 @@ def _check_attack(
 
 
 def _check_lafeat(c: _Checker, attack: Any, path: str) -> None:
-    """LAFEAT keys (base spec §8); L-inf only, so a norm other than linf is refused here."""
+    """LAFEAT keys (docs/methods/lafeat.md#presets); L-inf only, so a norm other than linf is refused here."""
     if _get(attack, "norm") not in (None, "linf"):
         c.problems.append(f"{path}.norm={_get(attack, 'norm')!r}: lafeat is an L-inf attack; allowed: linf")
     for key, lo in (("iterations", 0), ("n_targets", 1), ("head_epochs", 0), ("head_batch_size", 1),
@@ -335,7 +335,7 @@ def _check_linf_only_attacks(c: _Checker, cfg: Any) -> None:
 
 
 def _check_ssa(c: _Checker, attack: Any, path: str, name: str) -> None:
-    """SSA/SSAH keys (base spec §9); `ssa` is the preset without the low-frequency term."""
+    """SSA/SSAH keys (docs/methods/ssa.md#presets); `ssa` is the preset without the low-frequency term."""
     c.number(attack, "iterations", path, lo=0, integer=True, optional=True)
     c.number(attack, "batch_size", path, lo=1, integer=True, optional=True)
     for key in ("lr", "margin", "alpha"):

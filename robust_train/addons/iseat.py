@@ -1,6 +1,6 @@
-"""ISEAT: Instance-adaptive Smoothness Enhanced Adversarial Training (spec specs/iseat.md).
+"""ISEAT: Instance-adaptive Smoothness Enhanced Adversarial Training (docs/methods/iseat.md).
 
-Per step, on top of the base defense (PGD-AT in the paper; TRADES/MART by spec G19):
+Per step, on top of the base defense (PGD-AT in the paper; TRADES/MART by docs/methods/iseat.md#composition):
 
 1. the base attack crafts x' on the unperturbed weights theta;
 2. an AWP-style weight perturbation nu_l = gamma * ||theta_l|| * g_l / ||g_l|| (per layer, from the
@@ -74,7 +74,8 @@ def stage_value(values: Sequence[float], stage: int) -> float:
 
 
 def batch_ranks(av: torch.Tensor) -> torch.Tensor:
-    """r(AV_i) in {0..m-1}, 0 for the largest AV; ties broken by position (stable sort, spec G6)."""
+    """r(AV_i) in {0..m-1}, 0 for the largest AV; ties broken by position (stable sort,
+    docs/methods/iseat.md#rank-weights)."""
     av = av.detach()
     order = torch.argsort(av, descending=True, stable=True)
     return torch.empty_like(order).scatter_(0, order, torch.arange(av.shape[0], device=av.device))
@@ -88,7 +89,7 @@ def rank_weights(av: torch.Tensor) -> torch.Tensor:
 
 def instance_weights(av: torch.Tensor, scheme: str = "linear", top_fraction: float = 0.1) -> torch.Tensor:
     """Per-example weights without gradient: 'linear' (Eq. 14), 'top10' (1 for the ceil(top_fraction*m)
-    highest AV, else 0; spec G12) or 'uniform' (all 1; Table 8's unweighted rows)."""
+    highest AV, else 0; docs/methods/iseat.md#variants) or 'uniform' (all 1; Table 8's unweighted rows)."""
     if scheme == "linear":
         return rank_weights(av)
     dtype = av.dtype if av.is_floating_point() else torch.get_default_dtype()
@@ -102,7 +103,7 @@ def instance_weights(av: torch.Tensor, scheme: str = "linear", top_fraction: flo
 
 def logit_distance(z: torch.Tensor, target: torch.Tensor, kind: str = "sql2") -> torch.Tensor:
     """Per-example discrepancy: 'sql2' = sum over classes of squared logit differences (Eq. 9);
-    'kl' = KL(softmax target || softmax z) (spec G12)."""
+    'kl' = KL(softmax target || softmax z) (docs/methods/iseat.md#variants)."""
     if kind == "sql2":
         return (z - target).pow(2).sum(dim=1)
     if kind == "kl":
@@ -238,7 +239,8 @@ class ISEAT(Addon):
         stage = stage_of(self.epoch, self.milestones)
         lam, gamma = stage_value(self.lam, stage), stage_value(self.gamma, stage)
         if self.epoch < self.warm_start_epochs:
-            # The released code's `-ws`: eps and step x t/W, no regularizer and no nu (spec G14).
+            # The released code's `-ws`: eps and step x t/W, no regularizer and no nu
+            # (docs/methods/iseat.md#warm-start).
             self.ramp = self.epoch / self.warm_start_epochs
             lam = gamma = 0.0
         else:
@@ -281,7 +283,7 @@ class ISEAT(Addon):
         base_term: torch.Tensor,
     ) -> torch.Tensor | None:
         # Adds nothing to the attack; with clean_point=attack_start it records the attack's first input
-        # (the released code's "clean" point under a random start, spec G13).
+        # (the released code's "clean" point under a random start, docs/methods/iseat.md#clean-point).
         if self.clean_point == "attack_start" and self.lam_t > 0 and self._x_start is None:
             self._x_start = x_adv.detach()
         return None
@@ -292,7 +294,7 @@ class ISEAT(Addon):
 
         One extra forward per step (two for 'lsi' with nu on): the attack's first forward is at x too,
         but the attack freezes the weights, so its graph cannot carry the clean-branch gradient
-        (spec (b) cost table: K+3 forwards, the released code's count, instead of K+2).
+        (docs/methods/iseat.md#cost: K+3 forwards, the released code's count, instead of K+2).
         """
         nu_on = self.awp.active
         pairing = self.pairing if nu_on else "lsiw"  # without nu, LSI and LSIW coincide
@@ -305,7 +307,7 @@ class ISEAT(Addon):
             for name in perturbed_parameter_names(model):
                 state[name] = state[name].clone()
         # Cloned buffers: the model's BN running statistics were already updated by the attack's first
-        # forward at x and must not be updated a second time (spec (b) item 0, G4).
+        # forward at x and must not be updated a second time (docs/methods/iseat.md#batchnorm).
         state.update({name: b.clone() for name, b in model.named_buffers()})
         x_clean = self._x_start if self._x_start is not None else x
         clean = functional_call(model, state, (x_clean,))
@@ -325,8 +327,9 @@ class ISEAT(Addon):
         try:
             if self.lam_t > 0 and x_adv is not None:
                 self._ref = self._references(model, x, x_adv)
-            # nu from the base outer loss on the proxy (PGD-AT: mean CE(x'), spec (b) item 2; TRADES/MART:
-            # their own loss, G19); applied for the outer step, then removed.
+            # nu from the base outer loss on the proxy (PGD-AT: mean CE(x'), docs/methods/iseat.md#weight-
+            # perturbation; TRADES/MART:
+            # their own loss, docs/methods/iseat.md#composition; applied for the outer step, then removed.
             with self.awp.weight_perturbation(model, base_loss):
                 yield
         finally:

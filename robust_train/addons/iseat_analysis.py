@@ -1,4 +1,4 @@
-"""ISEAT's analysis measures (spec iseat.md §a items 1-2): AV statistics and the margin along a direction.
+"""ISEAT's analysis measures (docs/methods/iseat.md#analysis): AV statistics and the margin along a direction.
 
 Pure functions for a later analysis tool to call; they are not part of the training step. (The
 per-epoch instance-wise AV tracker that would use `av_statistics` is a separate piece of work.)

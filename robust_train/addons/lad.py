@@ -1,4 +1,4 @@
-"""LAD / LAD-SM: layer-wise gradient perturbations of hidden states (spec lad.md).
+"""LAD / LAD-SM: layer-wise gradient perturbations of hidden states (docs/methods/lad.md).
 
 Each training step, on top of the base defense:
 
@@ -6,20 +6,21 @@ Each training step, on top of the base defense:
    every residual-block boundary (activation gradients only, BN running statistics untouched);
 2. a LAD pass adds eta * a_{n+1} after block n (Lie-Trotter, `scheme: lt`), or (eta/2) a_n before and
    (eta/4)(a_n + a_{n+1}) after block n (Strang-Marchuk, `scheme: sm`); its CE replaces the base method's
-   CE term (spec §b.7): natural CE(f(x)) and PGD-AT CE(f(x')) become CE(f_LAD(.)); TRADES mixes
+   CE term (docs/methods/lad.md#composition): natural CE(f(x)) and PGD-AT CE(f(x')) become CE(f_LAD(.));
+   TRADES mixes
    gamma * CE(f(x)) + (1 - gamma) * CE(f_LAD(x')); MART's boosted CE is computed on f_LAD(x').
 
 The adversarial example is crafted on the plain network, and AWP's search for its weight perturbation
 uses the plain network; recording and LAD passes run at the weights being trained (w + v under AWP).
 
-Extra passes per step (spec §b.9), with eta > 0:
+Extra passes per step (docs/methods/lad.md#cost), with eta > 0:
 - standard / PGD-AT: +1F +1B (the recording pass, run inside `forward_context` before the shared
   forward of the trained branch, which itself becomes the LAD pass);
 - TRADES / MART: +1B for the recording (it reuses the shared plain forward of x', which is the same
-  forward the spec's recording pass would compute) and +1F for the LAD branch in `outer_loss` (its
-  backward is part of the step's single backward). The spec budgets +1F more; sharing saves it.
+  forward docs/methods/lad.md#recording-pass would compute) and +1F for the LAD branch in `outer_loss` (its
+  backward is part of the step's single backward). docs/methods/lad.md#cost; sharing saves it.
 With eta = 0 and the noise off, nothing runs and the step is the base step (TRADES with gamma < 1 still
-mixes the clean and adversarial CE, spec §b.7 note).
+mixes the clean and adversarial CE, docs/methods/lad.md#trades-gamma).
 
 The stochastic variant (`noise.enabled`) adds Gaussian noise at every site in every training forward
 (attack steps, recording, shared and LAD forwards) from the add-on's own generator, and `wrap_for_eval`
@@ -120,7 +121,8 @@ class LAD(Addon):
 
     name = "lad"
     supported_defenses = ("standard", "pgd_at", "trades", "mart")
-    supports_awp = True  # spec §b.7: recording and LAD passes at w + v, v searched on the plain network
+    # docs/methods/lad.md#composition: recording and LAD passes at w + v, v searched on the plain network
+    supports_awp = True
     conflicts_with: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any, ctx: AddonContext) -> None:
@@ -260,7 +262,8 @@ class LAD(Addon):
                     eta = self._eta_effective(armed.y)
                     stack.enter_context(perturbation_hooks(modules, adj, eta, self.scheme))
                 elif branch == "adv" and self._extra_branch_weight() > 0:
-                    # Keep the plain states of the shared x' forward: it is the recording pass (§b.7).
+                    # Keep the plain states of the shared x' forward: it is the recording pass
+                    # docs/methods/lad.md#recording-pass.
                     self._tap = stack.enter_context(StateTap(modules, self._tap_inputs()))
             yield
 
@@ -315,7 +318,8 @@ class LAD(Addon):
         return F.cross_entropy(logits, y, reduction=self.loss_reduction)
 
     def record(self, model: nn.Module, x_in: torch.Tensor, y: torch.Tensor) -> Adjoints:
-        """The recording pass (§b.3) on `x_in` with the model in its current mode; public for diagnostics."""
+        """The recording pass docs/methods/lad.md#recording-pass on `x_in` with the model in its current mode;
+        public for diagnostics."""
         return self._record(model, site_modules(model, self.site_names), x_in, y)
 
     def _record(
@@ -326,7 +330,7 @@ class LAD(Addon):
             if not self.record_updates_bn_stats:
                 stack.enter_context(frozen_bn_stats(model))
             with tap:
-                logits = model(x_in)  # the recording pass: +1F (spec §b.9)
+                logits = model(x_in)  # the recording pass: +1F (docs/methods/lad.md#cost)
             # +1B, activation gradients only: no parameter .grad is touched.
             adj = tap.adjoints(self._record_loss(logits, y))
         self._observe_ratio(adj, y)
@@ -350,9 +354,10 @@ class LAD(Addon):
             if self.noise is not None:
                 stack.enter_context(self.noise.hooks(modules))
             stack.enter_context(perturbation_hooks(modules, adj, self._eta_effective(out.y), self.scheme))
-            return out.model(out.x_adv)  # the LAD branch: +1F (spec §b.9)
+            return out.model(out.x_adv)  # the LAD branch: +1F (docs/methods/lad.md#cost)
 
-    # ----------------------------------------------------------------- eta diagnostic (§b.10)
+    # ----------------------------------------------------------------- eta diagnostic
+    # docs/methods/lad.md#eta-ratio
     def _reset_ratio(self) -> None:
         self._ratio_sum: torch.Tensor | None = None
         self._ratio_min: torch.Tensor | None = None

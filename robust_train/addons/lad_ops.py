@@ -1,4 +1,5 @@
-"""The mechanics of LAD (spec lad.md §b): sites, the recording tap, the perturbation hooks, site noise.
+"""The mechanics of LAD (docs/methods/lad.md#sites): sites, the recording tap, the perturbation hooks, site
+noise.
 
 Everything here works with forward hooks on the model's residual blocks (named by `block_layers`), so no
 architecture is modified. The add-on class in `robust_train.addons.lad` decides when each piece runs.
@@ -46,9 +47,10 @@ def site_modules(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
 class Adjoints:
     """Detached dL/dh of one recording pass at every site: `out[n]` at its output, `inp[n]` at its input.
 
-    In the spec's indexing a_{n+1} = out[n] and a_n = inp[n] (for consecutive blocks inp[n+1] is out[n]).
+    In docs/methods/lad.md#recording-pass a_{n+1} = out[n] and a_n = inp[n] (for consecutive blocks inp[n+1]
+    is out[n]).
     `inp` entries are None where the tap did not keep that input. `first_output` is the recorded state
-    after the first site (the numerator of the §b.10 ratio).
+    after the first site (the numerator of the docs/methods/lad.md#eta-ratio).
     """
 
     out: list[Tensor]
@@ -186,7 +188,7 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
 
 
 class SiteNoise:
-    """Gaussian noise added at every site in a forward (the stochastic variant, spec §b.6).
+    """Gaussian noise added at every site in a forward (the stochastic variant, docs/methods/lad.md#noise).
 
     Draws come from the add-on's own generator (one per device), never from the global one, so switching
     the noise on does not shift data order or attack starts.
@@ -262,7 +264,7 @@ class NoisyEnsemble(nn.Module):
 
     Predictions (no input gradient requested) average `samples` draws; a forward that an attack
     differentiates w.r.t. its input averages `grad_samples` draws (1: one noise draw per attack step,
-    spec §b.6; more approximates an expectation-over-transformation attack on the logits).
+    docs/methods/lad.md#noise; more approximates an expectation-over-transformation attack on the logits).
     """
 
     def __init__(

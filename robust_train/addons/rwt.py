@@ -1,11 +1,12 @@
-"""RWT: randomized-weight Taylor adversarial training (Jin et al., CVPR 2023), add-on spec `specs/rwt.md`.
+"""RWT: randomized-weight Taylor adversarial training (Jin et al., CVPR 2023), docs/methods/rwt.md.
 
 Two parts, each in its own stage of the step (DESIGN.md §5):
 
 * attack context: one Gaussian draw u ~ N(0, sigma^2) per minibatch is added to the noise-scope tensors
   (all Conv2d kernels by default) while the training attack runs; the exact original tensors are copied
   back afterwards, so the outer step sees w (or w + v under AWP) bit for bit.
-* outer loss: the first- and second-order Taylor surrogates of the released code (spec b.2). From the
+* outer loss: the first- and second-order Taylor surrogates of the released code
+  (docs/methods/rwt.md#surrogate). From the
   shared clean and adversarial forwards, the row sums of the gradient of the batch-mean CE w.r.t. the
   final linear weight are computed in closed form from the logits and the final layer's input,
   r_j = mean_b (p_bj - [y_b = j]) * sum_i h_bi; the gaps |r_nat| - |r_adv| and r_adv^2 - r_nat^2 become soft
@@ -14,7 +15,7 @@ Two parts, each in its own stage of the step (DESIGN.md §5):
 
 The final layer's input is read by a forward pre-hook installed through `forward_context`, i.e. during
 the step's shared outer forwards: no extra forward for TRADES, MART and their AWP variants. PGD-AT has
-no clean forward of its own; RWT asks `StepForwards` for it (+1 forward, spec b.6).
+no clean forward of its own; RWT asks `StepForwards` for it (+1 forward, docs/methods/rwt.md#cost).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def rowsum_gradient(logits: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Row sums of d CE_mean(logits, y) / d W for the final linear `logits = h W^T + b`; shape (C,).
 
-    Closed form of `W.grad.sum(1)` after a backward of the batch-mean CE (spec b.2 step 1).
+    Closed form of `W.grad.sum(1)` after a backward of the batch-mean CE (docs/methods/rwt.md#row-sums).
     """
     dt = _compute_dtype(logits)
     p = torch.softmax(logits.to(dt), dim=1)
@@ -76,7 +77,8 @@ def offlabel_mass(value: Any, num_classes: int) -> float:
 
 
 def soft_target_matrix(d: torch.Tensor, c: float) -> torch.Tensor:
-    """T(d) of spec b.3: row i keeps 1 - c on class i and spreads c over the others in proportion to
+    """T(d) of docs/methods/rwt.md#target-matrix: row i keeps 1 - c on class i and spreads c over the others
+    in proportion to
     p = (d - min d) / sum(d - min d). Degenerate rows (nothing to spread) fall back to uniform c / (C - 1).
     """
     n = d.shape[0]
@@ -101,7 +103,8 @@ def kl_soft(t: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def taylor_targets(
     r_nat: torch.Tensor, r_adv: torch.Tensor, y: torch.Tensor, c: float, second_target: str = "reference"
 ) -> dict[str, torch.Tensor]:
-    """Per-example soft targets (B, C) of the first- and second-order terms (spec b.2 step 3)."""
+    """Per-example soft targets (B, C) of the first- and second-order terms (docs/methods/rwt.md#soft-
+    targets)."""
     a_n, a_a = r_nat.abs(), r_adv.abs()
     q_n, q_a = r_nat * r_nat, r_adv * r_adv  # Hadamard product, as the released code
     t2 = soft_target_matrix(q_a - q_n, c)
@@ -192,7 +195,7 @@ class RWT(Addon):
     # Standard training crafts no x_adv: there is neither an attack to randomize nor an adversarial gap.
     supported_defenses = ("pgd_at", "trades", "mart")
     # The noise lives only inside the attack, so it never meets another weight perturbation (AWP's v
-    # is applied after the attack; RWT's targets are then taken at w + v, spec b.4).
+    # is applied after the attack; RWT's targets are then taken at w + v, docs/methods/rwt.md#composition).
     supports_awp = True
     conflicts_with = ()
 
@@ -393,7 +396,8 @@ class RWT(Addon):
     def _fd_literal_terms(
         self, out: StepForwards, z_nat: torch.Tensor, z_adv: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Spec b.7: central differences along the minibatch's u; +4 forwards (and their backward)."""
+        """docs/methods/rwt.md#fd-literal: central differences along the minibatch's u; +4 forwards (and their
+        backward)."""
         model = out.model
         params = dict(model.named_parameters())
         plus = {n: params[n] + u for n, u in self._u.items()}

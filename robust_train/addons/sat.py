@@ -1,18 +1,21 @@
-"""SAT: Sufficient Adversarial Training (ICCV 2023), spec `specs/sat.md`.
+"""SAT: Sufficient Adversarial Training (ICCV 2023), docs/methods/sat.md.
 
 Two contributions to the host defense's step:
 
-* inner maximization (spec b.2): the attack ascends the host's inner loss minus Λ times the feature shift
+* inner maximization (docs/methods/sat.md#inner-objective): the attack ascends the host's inner loss minus Λ
+  times the feature shift
   at the tapped layers, ||f^l(x + r) - f^l(x)||, with Λ ~ U(0, λ) redrawn at every attack step (default);
-* outer minimization (spec b.3): beta * L_clu, the within-class spread of the tapped features of the
+* outer minimization (docs/methods/sat.md#cluster-loss): beta * L_clu, the within-class spread of the tapped
+  features of the
   adversarial batch around in-batch class centroids.
 
 Both read the layers declared by `required_layers` from the step's shared forwards (the attack's forward
 per step, the clean reference and the outer forwards), so SAT adds no forward or backward pass to the host
 step, except the clean reference's one no-grad forward for hosts that do not already need it (PGD-AT, MART;
-the spec's pseudocode b.4 makes the same clean forward). The attack itself is the host's (steps, step size,
+docs/methods/sat.md#cost makes the same clean forward). The attack itself is the host's (steps, step size,
 start, restarts and BN mode are the host's `defense.attack.*` keys), except that `init: code_gaussian`
-replaces its start by the authors' code's (spec g.7). AWP composes as in spec b.5: the host's AWP is entered
+replaces its start by the authors' code's (docs/methods/sat.md#attack-start). AWP composes as in
+docs/methods/sat.md#composition: the host's AWP is entered
 before SAT's outer loss, and its ascent sees the host loss only.
 """
 
@@ -57,7 +60,7 @@ KEYS = (
     "awp_include_cluster",
 )
 
-# Inside square roots: finite gradients at zero shift / zero variance (spec b.3, h.5).
+# Inside square roots: finite gradients at zero shift / zero variance (docs/methods/sat.md#numerical-guards).
 ROOT_EPS = 1e-12
 # SAT's Λ generator is seeded from the run seed plus this offset, so switching SAT on does not shift the
 # global stream (data order, attack starts, weight init).
@@ -99,7 +102,8 @@ def cluster_loss(
     form: str = "code",
     min_class_count: int = 2,
 ) -> torch.Tensor:
-    """L_clu (spec b.3) averaged over taps, from in-batch class centroids; small classes are skipped.
+    """L_clu (docs/methods/sat.md#cluster-loss) averaged over taps, from in-batch class centroids; small
+    classes are skipped.
 
     code:   sum_c n_c * ||unbiased per-dim variance of class c||_2 / (samples in counted classes)
     paper:  mean over counted classes of sum_k std_k (biased variance)
@@ -115,7 +119,8 @@ def cluster_loss(
             onehot = F.one_hot(y, num_classes).to(f.dtype)  # (B, C)
             counts = onehot.sum(0)  # (C,)
             counted = (counts >= min_class_count).to(f.dtype)
-            # Centroids are not detached: the gradient flows through the batch statistics (spec b.3).
+            # Centroids are not detached: the gradient flows through the batch statistics
+            # (docs/methods/sat.md#cluster-loss).
             centroids = (onehot.t() @ f) / counts.clamp(min=1).unsqueeze(1)
             diff = f - centroids[y]
             if form == "l2dist":
@@ -141,7 +146,7 @@ def cluster_loss(
 
 @dataclass(frozen=True)
 class CodeGaussianStart(ThreatModel):
-    """The threat model with the SAT code's random start (spec c `init`, g.7), for L-inf only.
+    """The threat model with the SAT code's random start (docs/methods/sat.md#attack-start), for L-inf only.
 
     delta0 = eps * (2 * N(0, I) - 1), then x + delta0 clipped to [0, 1] and *not* projected onto the eps-ball:
     per pixel the start has mean -eps and std 2*eps, so about 2/3 of the pixels start outside the ball (half
@@ -157,7 +162,8 @@ class CodeGaussianStart(ThreatModel):
 
 
 def default_taps(model: nn.Module) -> list[str]:
-    """`layers: auto`: the last two residual blocks of the model's last stage (spec b.1)."""
+    """`layers: auto`: the last two residual blocks of the model's last stage (docs/methods/sat.md#tapped-
+    features)."""
     base = getattr(model, "_orig_mod", model)
     stages = list(getattr(base, "feature_layers", []))
     blocks = list(getattr(base, "block_layers", []))

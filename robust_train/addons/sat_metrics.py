@@ -1,4 +1,5 @@
-"""SAT's analysis metric: clustering accuracy (Clu.Acc, spec e; seed Def. 1, Eq. 2).
+"""SAT's analysis metric: clustering accuracy (Clu.Acc, docs/methods/sat.md#clustering-accuracy; seed Def. 1,
+Eq. 2).
 
 Per class c and tapped layer l the centroid is the mean flattened feature of the clean *training* images
 of c (eval mode); a test image's cluster label is the class of the nearest centroid in L2 (argmin: the

@@ -1,4 +1,4 @@
-"""SLIM, the Stochastic Loss Integration Method (spec: specs/slim.md).
+"""SLIM, the Stochastic Loss Integration Method (docs/methods/slim.md).
 
 While crafting each training batch, the attack ascends
 
@@ -15,7 +15,8 @@ Pipeline mapping:
 - `required_layers` taps the candidate layers in the attack's one forward per step (and the shared outer
   forwards, where nothing reads them), so SLIM runs no forward of its own.
 - `inner_objective` reads the clean features from `CleanReference` (computed once per batch, no grad, in
-  the attack's BN mode) and the adversarial ones from the attack step's forward. Cost (spec b.7): one
+  the attack's BN mode) and the adversarial ones from the attack step's forward. Cost
+  (docs/methods/slim.md#cost): one
   extra no-grad clean forward per batch for PGD-AT and MART (TRADES computes it anyway), no extra backward.
 - `task_weight` scales only the base term; terms of add-ons listed after SLIM are added unscaled.
 """
@@ -309,7 +310,8 @@ class SLIM(Addon):
 
         attack = _cfg_get(_cfg_get(run_cfg, "defense"), "attack")
         if _cfg_get(attack, "random_start") == "none":
-            # At x_adv = x every dictionary term has zero input gradient (spec g.9).
+            # At x_adv = x every dictionary term has zero input gradient (docs/methods/slim.md#random-start-
+            # required).
             p.append(
                 "addons.slim needs a random attack start, but defense.attack.random_start=none; "
                 "choose uniform or normal"

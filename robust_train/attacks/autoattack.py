@@ -1,4 +1,5 @@
-"""AutoAttack through the official code (the `pyautoattack` package), behind a thin adapter (base spec §7).
+"""AutoAttack through the official code (the `pyautoattack` package), behind a thin adapter
+(docs/methods/autoattack.md#adapter).
 
 The adapter runs the official attacks in the standard order, each only on the points that are still
 robust, exactly as `run_standard_evaluation` does. It calls the official runner once per attack so

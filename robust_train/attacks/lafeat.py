@@ -1,8 +1,10 @@
-"""LAFEAT (Yu, Gao, Xu, CVPR 2021): an L-inf attack that mixes latent-head and output logits (base spec §8).
+"""LAFEAT (Yu, Gao, Xu, CVPR 2021): an L-inf attack that mixes latent-head and output logits
+(docs/methods/lafeat.md).
 
 Two parts:
 
-1. **Latent heads** (§8.1). Small conv heads read intermediate feature maps of the *frozen* model and
+1. **Latent heads** (docs/methods/lafeat.md#heads). Small conv heads read intermediate feature maps of the
+  *frozen* model and
    learn to predict the model's own prediction `argmax f(x)` (not the ground truth). They are trained
    once per checkpoint with Adam and a cosine schedule and cached on disk: the cache file is keyed by
    a hash of the model's state_dict and of every head setting, so a second evaluation of the same
@@ -15,7 +17,9 @@ Two parts:
    checks; the labels are still the model's predictions, never ground truth). `head_samples` and
    `head_epochs` bound the cost on a CPU.
 
-2. **The attack** (§8.2-8.4). Per run with a fixed mixing weight beta: APGD-style start, cosine-annealed
+2. **The attack** (docs/methods/lafeat.md#attack, docs/methods/lafeat.md#targeted,
+  docs/methods/lafeat.md#orchestration). Per run with a fixed mixing weight beta: APGD-style start, cosine-
+  annealed
    sign step from 2 eps, momentum 0.75, margin-normalized logits
    `zc = beta * m_h * h / s(h) + (1 - beta * m_h) * z / s(z)`; examples already misclassified freeze.
    A run of N iterations scores the iterates it takes gradients at, x_0 ... x_{N-1}, as the official
@@ -50,7 +54,8 @@ from robust_train.errors import ConfigError
 from robust_train.io import atomic_write
 from robust_train.models.features import capture_features, forward_with_features, resolve_layer
 
-# The attacking head and the trained heads per architecture (§8.5). WRN-34-10 is the official setting
+# The attacking head and the trained heads per architecture (docs/methods/lafeat.md#architectures). WRN-34-10
+# is the official setting
 # (heads on block3.layer.1..4, attack with block3.layer.3); PreAct/ResNet-18 use the penultimate residual
 # block layer4.0 and train a second head on layer3.1 for ablation. Other models fall back to the rule
 # "penultimate block attacks, the last four blocks get heads".
@@ -67,7 +72,8 @@ _NOT_TRAIN_SPLIT = ("test_limit", "root", "download", "check_integrity")
 
 
 def beta_order(betas: Sequence[float], schedule: bool = True) -> list[float]:
-    """The run order of the mixing weights: halves interleaved from the middle outward (§8.4).
+    """The run order of the mixing weights: halves interleaved from the middle outward
+    (docs/methods/lafeat.md#orchestration).
 
     [0.0, 0.1, ..., 0.9] -> [0.4, 0.5, 0.3, 0.6, 0.2, 0.7, 0.1, 0.8, 0.0, 0.9]; `schedule=False` keeps
     the given order.
@@ -84,7 +90,8 @@ def beta_order(betas: Sequence[float], schedule: bool = True) -> list[float]:
 
 
 def default_layers(model: nn.Module) -> tuple[str, list[str]]:
-    """(attacking layer, layers with a trained head) for the model's architecture (§8.5)."""
+    """(attacking layer, layers with a trained head) for the model's architecture
+    (docs/methods/lafeat.md#architectures)."""
     base = getattr(model, "_orig_mod", model)
     arch = getattr(base, "arch", "")
     if arch in ARCH_LAYERS:
@@ -100,11 +107,11 @@ def default_layers(model: nn.Module) -> tuple[str, list[str]]:
 
 
 class LatentHead(nn.Module):
-    """The official head template (§8.1), sized from the tapped feature's shape.
+    """The official head template (docs/methods/lafeat.md#heads), sized from the tapped feature's shape.
 
     Conv(k2,s2) -> ReLU -> Conv(k2,s2) -> ReLU -> flatten -> Linear(hidden) -> ReLU -> Linear(K). A conv
     whose input is already 1 pixel wide uses kernel and stride 1, so the template fits any spatial size
-    (4x4 maps of PreActResNet-18's layer4 end at 1x1, as §8.5 prescribes).
+    (4x4 maps of PreActResNet-18's layer4 end at 1x1, as docs/methods/lafeat.md#architectures prescribes).
     """
 
     def __init__(
@@ -129,7 +136,8 @@ class LatentHead(nn.Module):
 
 
 def _margin_scale(logits: torch.Tensor) -> torch.Tensor:
-    """top1 - top2 + 1e-8 per example, detached (the margin normalization of §8.2), shaped (B, 1)."""
+    """top1 - top2 + 1e-8 per example, detached (the margin normalization of docs/methods/lafeat.md#attack),
+    shaped (B, 1)."""
     top2 = logits.detach().topk(2, dim=1).values
     return (top2[:, 0] - top2[:, 1] + _MARGIN_TINY).unsqueeze(1)
 
@@ -332,7 +340,8 @@ class LAFEAT(Attack):
 
     def train_heads(self, model: nn.Module, heads: nn.ModuleDict, layers: list[str], images: torch.Tensor,
                     aug: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
-        """Fit the heads to the frozen model's predictions: sum of CE over heads, Adam, cosine (§8.1).
+        """Fit the heads to the frozen model's predictions: sum of CE over heads, Adam, cosine
+        (docs/methods/lafeat.md#heads).
 
         The model runs under no_grad in eval mode with frozen parameters; only the heads learn.
         Returns the heads' agreement with the model (%) in the last epoch and the cost.
@@ -439,7 +448,8 @@ class LAFEAT(Attack):
         target: torch.Tensor | None,
         draw: int = 0,
     ) -> torch.Tensor:
-        """One N-iteration run with a fixed beta (§8.2, §8.3) from the `draw`-th random start.
+        """One N-iteration run with a fixed beta (docs/methods/lafeat.md#attack,
+        docs/methods/lafeat.md#targeted) from the `draw`-th random start.
 
         Returns the last iterate the run scored: x_{N-1}, or x_i if every point was fooled at x_i.
         Fooled points are frozen where they were first fooled, so for them it is that iterate.

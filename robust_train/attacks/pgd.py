@@ -1,4 +1,5 @@
-"""Projected gradient descent (Madry et al. 2018) and FGSM, for any threat model (base spec §1.1, §1.4)."""
+"""Projected gradient descent (Madry et al. 2018) and FGSM, for any threat model (docs/methods/pgd.md#pgd,
+docs/methods/pgd.md#l2)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from robust_train.attacks.threat import ThreatModel
 class PGD(Attack):
     """PGD with random start and restarts; keeps, per example, the restart with the highest objective.
 
-    Step order (base spec §1.1): ascent step, projection onto the ball, clip to the box. The random
+    Step order (docs/methods/pgd.md#threat-model): ascent step, projection onto the ball, clip to the box. The
+    random
     uniform start is clipped to the box before the first gradient; the `normal` start (TRADES/MART's
     0.001·N(0, I)) is not, as in their official code.
     """

@@ -1,6 +1,7 @@
-"""SSA and SSAH (Luo et al., CVPR 2022): semantic-similarity attacks on penultimate features (base spec §9).
+"""SSA and SSAH (Luo et al., CVPR 2022): semantic-similarity attacks on penultimate features
+(docs/methods/ssa.md).
 
-One implementation, two presets (binding decisions of the base spec): `ssa` is the semantic-similarity
+One implementation, two presets (docs/methods/ssa.md#naming): `ssa` is the semantic-similarity
 loss alone (lambda_lf = 0), `ssah` adds the Haar low-frequency term (lambda_lf = 0.1 on CIFAR-10).
 
 Per batch, only the images the model classifies correctly are attacked (the others are returned
@@ -39,7 +40,7 @@ def haar_low_pass(x: torch.Tensor) -> torch.Tensor:
     """One-level Haar DWT, keep LL, inverse DWT with zero detail bands.
 
     For the orthonormal Haar filters this is exactly 2x2 average pooling followed by 2x nearest
-    upsampling (base spec §9.1). Odd sizes are padded by edge replication and cropped back.
+    upsampling (docs/methods/ssa.md#algorithm). Odd sizes are padded by edge replication and cropped back.
     """
     h, w = x.shape[-2:]
     pad = (0, w % 2, 0, h % 2)
@@ -60,7 +61,8 @@ def from_tanh_space(w: torch.Tensor) -> torch.Tensor:
 def ssa_loss(
     feats: torch.Tensor, clean_feats: torch.Tensor, negatives: torch.Tensor, margin: float
 ) -> torch.Tensor:
-    """sum_i max(w+_i s+_i - w-_i s-_i, 0) on cosine similarities; w+, w- detached (§9.1)."""
+    """sum_i max(w+_i s+_i - w-_i s-_i, 0) on cosine similarities; w+, w- detached
+    (docs/methods/ssa.md#algorithm)."""
     sim = F.normalize(feats, dim=1) @ F.normalize(clean_feats, dim=1).T
     idx = torch.arange(sim.shape[0], device=sim.device)
     s_pos, s_neg = sim[idx, idx], sim[idx, negatives]

@@ -40,7 +40,8 @@ class ThreatModel:
     def random_init(
         self, x: torch.Tensor, kind: str = "uniform", generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """The starting perturbation of an attack loop (base spec §1.1, §1.4, §2.2, §3.1).
+        """The starting perturbation of an attack loop (docs/methods/pgd.md#threat-model,
+        docs/methods/trades.md#training-attack, docs/methods/mart.md#training-attack).
 
         `uniform` (Madry) is projected onto the ball and clipped to the box, as robust_overfitting does.
         `normal` is TRADES'/MART's 0.001*N(0, I), returned as drawn: the official codes take the first

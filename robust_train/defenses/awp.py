@@ -1,4 +1,4 @@
-"""Adversarial weight perturbation (Wu et al. 2020), base spec §4, as a reusable component.
+"""Adversarial weight perturbation (Wu et al. 2020), docs/methods/awp.md, as a reusable component.
 
 Any base defense can switch it on (`defense.awp.enabled=true`); ISEAT reuses it with its own size rule.
 Per step, after x_adv is crafted on the unperturbed model:
@@ -29,7 +29,7 @@ from robust_train.config import to_float
 
 
 def perturbed_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the tensors AWP perturbs (base spec §4.1)."""
+    """Names of the tensors AWP perturbs (docs/methods/awp.md#perturbed-tensors)."""
     return [n for n, p in model.named_parameters() if p.dim() > 1 and "weight" in n]
 
 

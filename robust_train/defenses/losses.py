@@ -1,4 +1,5 @@
-"""Loss formulas shared by the base defenses (base spec §2.1, §3.2), as plain functions for direct tests."""
+"""Loss formulas shared by the base defenses (docs/methods/trades.md#loss, docs/methods/mart.md#loss), as
+plain functions for direct tests."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def trades_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CE(f(x), y) + beta * KL(p(x) || p(x')) with batchmean reduction; returns (loss, ce, kl).
 
-    The clean target is not detached: gradients flow through both branches (base spec §2.1).
+    The clean target is not detached: gradients flow through both branches (docs/methods/trades.md#loss).
     """
     ce = F.cross_entropy(logits_clean, y)
     kl = kl_clean_adv(logits_adv, logits_clean).mean()
@@ -30,7 +31,7 @@ def mart_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MART's boosted CE on x' plus beta * the (1 - p_y(x))-weighted KL(p(x) || q(x')); (loss, bce, kl).
 
-    The numerical guards 1.0001, 1e-12 and 1.0000001 are the reference's (base spec §3.2).
+    The numerical guards 1.0001, 1e-12 and 1.0000001 are the reference's (docs/methods/mart.md#loss).
     """
     q = F.softmax(logits_adv, dim=1)
     top2 = torch.argsort(q, dim=1)[:, -2:]

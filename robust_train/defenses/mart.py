@@ -1,4 +1,4 @@
-"""MART (Wang et al. 2020), base spec §3.
+"""MART (Wang et al. 2020), docs/methods/mart.md.
 
 The training attack ascends CE (BN in eval mode, 0.001*N(0,I) start); the outer loss is the boosted
 CE on x' plus beta * the (1 - p_y(x))-weighted KL(p(x) || q(x')).

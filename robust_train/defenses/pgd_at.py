@@ -1,4 +1,4 @@
-"""PGD adversarial training (Madry et al. 2018; Rice et al.'s recipe), base spec §1.
+"""PGD adversarial training (Madry et al. 2018; Rice et al.'s recipe), docs/methods/pgd_at.md.
 
 The training attack ascends per-example CE; the outer loss is CE on the adversarial batch only, with
 the model in train mode (no clean term).

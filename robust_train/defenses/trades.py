@@ -1,4 +1,4 @@
-"""TRADES (Zhang et al. 2019), base spec §2.
+"""TRADES (Zhang et al. 2019), docs/methods/trades.md.
 
 Inner maximization: the attack ascends KL(p(x) || p(x')) with BN in eval mode, where the clean target
 p(x) is computed once per batch in the attack's mode (it is constant there). Outer loss:

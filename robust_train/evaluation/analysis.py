@@ -5,10 +5,11 @@
   is the class of the nearest centroid (argmin, L2 by default); the accuracy is measured on clean test
   images and on adversarial ones crafted by the suite's attacks against the classifier output.
 - `hessian_trace`: Hutchinson estimate of Tr(H_m), the trace of the CE Hessian block of each module's
-  parameters (SLIM §6.2, HAWQ-V2 style), raw and per parameter. Reported as measured: no reading of
-  "higher is flatter" is built in (SLIM spec, ambiguity 15).
+  parameters (docs/methods/slim.md#hessian-trace, HAWQ-V2 style), raw and per parameter. Reported as measured:
+  no reading of
+  "higher is flatter" is built in (docs/methods/slim.md#hessian-trace).
 - `layer_shift`: per layer, ||f_l(x_adv) - f_l(x)||_2 / ||f_l(x)||_2 per example (mean, median) and the
-  mean cosine between clean and adversarial features (SLIM Fig. 2, SAT diagnostic (i)).
+  mean cosine between clean and adversarial features (SLIM Fig. 2, docs/methods/sat.md#lambda-search).
 - `robust_overfitting`: the suite on the sibling checkpoint (best <-> last) and the best-minus-last gap.
 
 Everything runs in eval mode and restores the model's modes and `requires_grad` flags.

@@ -121,7 +121,8 @@ def plot_instance_tracking(
     stats: Mapping[str, Sequence[float]],
     robust_correct: np.ndarray,
 ) -> Path:
-    """Instance-wise robustness over training (ISEAT §3): AV statistics, robust transitions and a map
+    """Instance-wise robustness over training (docs/methods/iseat.md#analysis): AV statistics, robust
+    transitions and a map
     of per-example robust correctness (rows sorted by the epoch an example last became robust)."""
     fig = Figure(figsize=(14, 3.8))
     ep = list(epochs)

@@ -199,7 +199,8 @@ def pipe_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def projection_lines(evaluation: Mapping[str, Any]) -> list[str]:
     """Under the table, for every SSA/SSAH number: the projection mode, perturbation size and batch size.
 
-    SSA/SSAH numbers depend on all three (base spec, binding decisions), so they are printed beside the
+    SSA/SSAH numbers depend on all three (docs/methods/ssa.md#bounded-evaluation), so they are printed beside
+    the
     accuracy, not only stored in results.json.
     """
     lines: list[str] = []

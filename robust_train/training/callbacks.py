@@ -1,7 +1,8 @@
 """Opt-in training callbacks that run after each epoch's validation, before the checkpoint is written.
 
 `InstanceTracking` (trainer.instance_tracking.enabled=true) follows a fixed subset of examples through
-training, ISEAT §(a): per example and tracked epoch, the clean and PGD losses and correctness and the
+training, docs/methods/iseat.md#analysis: per example and tracked epoch, the clean and PGD losses and
+correctness and the
 adversarial vulnerability AV = CE(x_adv) - CE(x) (Eq. 3, at the unperturbed weights). Per epoch it logs
 the robust-shortcut statistics (AV SD, top/bottom 10% means, % AV >= 1, % AV <= 0; Eq. 5, Table 1),
 how many examples lost or gained robustness since the previous tracked epoch, and the disordered-
@@ -66,7 +67,8 @@ def margin_stats(mu: np.ndarray, budget: np.ndarray, mu_max: float) -> dict[str,
     """Disordered robustness (ISEAT Eq. 6, Fig. 1b) from margins `mu` along each example's PGD direction.
 
     `budget` is each example's in-budget distance along that direction (the L2 length of its PGD
-    perturbation; the spec's mu ~ 1.5 for CIFAR-10 at 8/255). Returns % flipping within the budget, %
+    perturbation; docs/methods/iseat.md#analysis for CIFAR-10 at 8/255). Returns % flipping within the budget,
+    %
     surviving twice the budget and % never flipping up to mu_max; examples with no direction (zero
     perturbation, NaN) are left out.
     """
@@ -102,7 +104,7 @@ def _int(node: Mapping[str, Any], key: str, lo: int, optional: bool = False) -> 
 
 
 class InstanceTracking:
-    """Instance-wise robustness of a fixed example subset across epochs (ISEAT §(a) items 1-2)."""
+    """Instance-wise robustness of a fixed example subset across epochs (docs/methods/iseat.md#analysis)."""
 
     file_name = "instance_tracking.npz"
     plot_name = "instance_tracking.png"
@@ -129,7 +131,7 @@ class InstanceTracking:
         # A seeded random subset (datasets may be stored sorted by class), kept in index order.
         self.indices = torch.randperm(x_all.shape[0], generator=gen)[: min(n, x_all.shape[0])].sort().values
         idx = self.indices.to(x_all.device)
-        self.x, self.y = x_all[idx], y_all[idx]  # un-augmented (spec: fixed order, no augmentation)
+        self.x, self.y = x_all[idx], y_all[idx]  # un-augmented (docs/methods/iseat.md#analysis)
         att = node.get("attack") or {}
         random_start = str(att.get("random_start") or "none")
         if random_start not in RANDOM_STARTS:
@@ -139,7 +141,8 @@ class InstanceTracking:
             )
         steps = _int(att, "steps", 1) if "steps" in att else 10
         step = att.get("step_size")
-        # Default PGD10, zero start, alpha = eps/4, eval-mode BN: deterministic (ISEAT spec G8).
+        # Default PGD10, zero start, alpha = eps/4, eval-mode BN: deterministic
+        # (docs/methods/iseat.md#analysis).
         step_size = (
             threat.eps / 4
             if step is None

@@ -1,4 +1,5 @@
-"""ISEAT add-on (spec specs/iseat.md §h): rank weights, the LSIW term, nu, the step against a replica of the
+"""ISEAT add-on (docs/methods/iseat.md#tests): rank weights, the LSIW term, nu, the step against a replica of
+the
 released code, schedules, pass counts, analysis helpers, zero strength == base step, config, end to end."""
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def _released_pgd(model: nn.Module, x, y, g0) -> torch.Tensor:
 
 
 def _released_step(model, clean_copy, proxy, opt, x, y, gamma: float, lam: float) -> torch.Tensor:
-    """A replica of the released training step (spec (b), H5): nu added in place after a proxy SGD step,
+    """A replica of the released training step (docs/methods/iseat.md#update): nu added in place after a proxy
+    SGD step,
     the clean forward re-run on a copy holding theta, one backward, the copy's gradients merged."""
     model.train()
     x0 = x.clone().requires_grad_(True)
@@ -178,7 +180,7 @@ def data(batch):
     return x.double(), y
 
 
-# ----------------------------------------------------------------------------- H1, H2
+# ----------------------------------------------------------------------------- docs/methods/iseat.md#tests
 
 
 def test_rank_weights_example_and_properties() -> None:
@@ -234,7 +236,7 @@ def test_regulariser_value_and_loss_match_a_manual_computation() -> None:
     torch.testing.assert_close(kl, (p * (p.log() - q.log())).sum(1))
 
 
-# ----------------------------------------------------------------------------- H3, H4
+# ----------------------------------------------------------------------------- docs/methods/iseat.md#tests
 
 
 def test_nu_geometry_and_bn_buffers(model, data) -> None:
@@ -305,7 +307,7 @@ def test_plain_sgd_update_is_adv_branch_plus_clean_branch_gradient(model) -> Non
         torch.testing.assert_close(p.detach(), p0.detach() - lr * (pp.grad + pc.grad), rtol=0, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------- H5, H6, H7
+# ----------------------------------------------------------------------------- docs/methods/iseat.md#tests
 
 
 @pytest.mark.parametrize("gamma,lam", [(0.007, 0.1), (0.0, 0.1), (0.007, 0.0), (0.0, 0.0), (0.05, 1.0)])
@@ -427,7 +429,7 @@ def test_clean_point_attack_start_takes_the_target_at_the_attacks_first_point(mo
         torch.testing.assert_close(addon._ref.clean, copy.deepcopy(model)(x0))
 
 
-# ----------------------------------------------------------------------------- H8, H9
+# ----------------------------------------------------------------------------- docs/methods/iseat.md#tests
 
 
 def test_lambda_switches_on_at_the_first_lr_milestone_and_lists_repeat(model) -> None:
@@ -498,7 +500,7 @@ def test_forward_pass_count(model, data, gamma, lam, model_passes, proxy_passes)
     assert (defense.attack.forward_passes, defense.attack.backward_passes) == (K, K)
 
 
-# ----------------------------------------------------------------------------- H10, H11, H12
+# ----------------------------------------------------------------------------- docs/methods/iseat.md#tests
 
 
 def test_av_statistics() -> None:

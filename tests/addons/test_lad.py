@@ -1,4 +1,5 @@
-"""LAD / LAD-SM (spec lad.md §h): recorded adjoints, exact perturbations, identities with the base step."""
+"""LAD / LAD-SM (docs/methods/lad.md#tests): recorded adjoints, exact perturbations, identities with the base
+step."""
 
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def manual_adjoints(model: PreActResNet, x, y, freeze_bn: bool = True):
 
 
 def manual_deltas(a0, a_out, eta: float, scheme: str):
-    """Per-block (pre, post) additions of spec §b.4/§b.5 (down-sampling blocks: (eta/2) a_{n+1} after)."""
+    """Per-block (pre, post) additions of docs/methods/lad.md#lad-sm-pass (down-sampling blocks: (eta/2)
+    a_{n+1} after)."""
     a_in = [a0, *a_out[:-1]]
     if scheme == "lt":
         return None, [eta * a for a in a_out]
@@ -115,7 +117,7 @@ def no_hooks_left(model: nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-# ----------------------------------------------------------------- h1: identities with the base step
+# ----------------------------------------------------------------- docs/methods/lad.md#tests
 @pytest.mark.parametrize(
     "name,awp,scheme",
     [("standard", False, "lt"), ("pgd_at", False, "lt"), ("pgd_at", False, "sm"), ("trades", False, "sm"),
@@ -126,7 +128,8 @@ def test_eta_zero_is_the_base_step_exactly(data, name: str, awp: bool, scheme: s
     model_a = tiny_preact()
     model_b = copy.deepcopy(model_a)
     base_a, base_b = defense(name, awp), defense(name, awp)
-    # TRADES: eta = 0 and gamma = 1 is plain TRADES (spec §h.1); gamma is unused by the others.
+    # TRADES: eta = 0 and gamma = 1 is plain TRADES (docs/methods/lad.md#tests); gamma is unused by the
+    # others.
     lad = make_lad(model_a, base_a, eta=0.0, trades_gamma=1.0, scheme=scheme)
     torch.manual_seed(SEED)
     m_a = TrainStep(model_a, base_a, sgd(model_a), [lad])(x, y)
@@ -165,7 +168,8 @@ def test_trades_eta_zero_gamma_half_is_the_mixed_objective(data) -> None:
     [("standard", "lt"), ("pgd_at", "lt"), ("pgd_at", "sm"), ("trades", "sm"), ("mart", "lt")],
 )
 def test_lad_step_matches_the_hand_written_algorithm(data, name: str, scheme: str) -> None:
-    """One step against spec §b.7/§b.8 written out: recording (BN frozen), LAD pass, the base's loss."""
+    """One step against docs/methods/lad.md#step written out: recording (BN frozen), LAD pass, the base's
+    loss."""
     x, y = data
     eta = 3.0
     model_a = tiny_preact()
@@ -203,7 +207,7 @@ def test_lad_step_matches_the_hand_written_algorithm(data, name: str, scheme: st
     assert_same_state(model_a, model_b, exact=False)  # parameters and BN buffers (recording frozen)
 
 
-# ----------------------------------------------------------------- h2-h5: adjoints and perturbations
+# ----------------------------------------------------------------- docs/methods/lad.md#tests
 def test_recorded_adjoints_equal_explicit_autograd_and_leave_bn_untouched(data) -> None:
     x, y = data
     model = tiny_preact().train()
@@ -311,7 +315,7 @@ def test_first_order_loss_increase_matches_adjoint_norms(data) -> None:
         assert errors[1] < errors[0] / 10  # the error is O(eta)
 
 
-# ----------------------------------------------------------------- h6-h8: leakage, cost, reduction
+# ----------------------------------------------------------------- docs/methods/lad.md#tests
 def test_no_leakage_after_a_step(data) -> None:
     x, y = data
     model = tiny_preact()
@@ -331,7 +335,8 @@ def test_no_leakage_after_a_step(data) -> None:
 
 @pytest.mark.parametrize("name,extra", [("standard", 1), ("pgd_at", 1), ("trades", 1)])
 def test_forward_pass_count(data, name: str, extra: int) -> None:
-    """PGD-AT: K+1 forwards -> K+2 (spec §h.7); TRADES shares its plain f(x') as the recording forward."""
+    """PGD-AT: K+1 forwards -> K+2 (docs/methods/lad.md#cost); TRADES shares its plain f(x') as the recording
+    forward."""
     x, y = data
     counts = []
     for with_lad in (False, True):
@@ -360,7 +365,7 @@ def test_sum_reduced_recording_with_eta_over_b_is_the_mean_step(data) -> None:
     assert not torch.equal(models[0].conv1.weight, tiny_preact().conv1.weight)
 
 
-# ----------------------------------------------------------------- h9: the stochastic variant
+# ----------------------------------------------------------------- docs/methods/lad.md#tests
 def test_noise_std_zero_reproduces_the_deterministic_step(data) -> None:
     x, y = data
     models, rngs = [tiny_preact(), tiny_preact()], []
@@ -507,7 +512,7 @@ def test_config_validation_reports_lad_problems(compose) -> None:
         validate_train_config(cfg)
 
 
-# ----------------------------------------------------------------- h10 and end to end
+# ----------------------------------------------------------------- docs/methods/lad.md#tests
 # natural, PGD-AT, TRADES and MART compose and train with LAD in the end-to-end runs below.
 @pytest.mark.parametrize("name", ["awp", "trades_awp"])
 def test_composes_with_every_base_defense_and_runs_one_step(compose, name: str) -> None:

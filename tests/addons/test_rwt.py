@@ -1,4 +1,5 @@
-"""RWT add-on (specs/rwt.md §h): closed forms, Taylor identities, soft targets, reduction to the base
+"""RWT add-on (docs/methods/rwt.md#tests): closed forms, Taylor identities, soft targets, reduction to the
+base
 methods, equivalence with the authors' procedure, attack-time weight noise, configs and end-to-end runs."""
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class BNFreeNet(nn.Module):
         return self.fc(torch.tanh(self.hidden(h)))
 
 
-# --------------------------------------------------------------------------- h1, h3: closed forms
+# --------------------------------------------------------------------------- docs/methods/rwt.md#tests
 def test_rowsum_closed_form_equals_final_weight_gradient_row_sums() -> None:
     torch.manual_seed(0)
     model = BNFreeNet(num_classes=4).double()
@@ -128,7 +129,8 @@ def test_rowsum_closed_form_equals_final_weight_gradient_row_sums() -> None:
 
 
 def test_literal_row_summed_hessian_of_ce_vanishes_at_the_final_layer() -> None:
-    """Why the code uses r * r: sum_i sum_{j,k} d2 CE / dW_li dW_jk is identically 0 (spec b.2)."""
+    """Why the code uses r * r: sum_i sum_{j,k} d2 CE / dW_li dW_jk is identically 0
+    (docs/methods/rwt.md#second-order-statistic)."""
     g = torch.Generator().manual_seed(4)
     h = torch.randn(5, 6, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 2, 3, 1, 2])
@@ -141,7 +143,7 @@ def test_literal_row_summed_hessian_of_ce_vanishes_at_the_final_layer() -> None:
     assert (r * r).max() > 1e-6  # the Hadamard surrogate is not degenerate
 
 
-# --------------------------------------------------------------------------- h2: Taylor identities
+# --------------------------------------------------------------------------- docs/methods/rwt.md#tests
 def test_taylor_expansion_matches_finite_differences_of_the_weights() -> None:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)).double()
@@ -172,7 +174,7 @@ def test_taylor_expansion_matches_finite_differences_of_the_weights() -> None:
             assert 0.75 * ratio < a / b < 1.25 * ratio, (errs, ratio)
 
 
-# --------------------------------------------------------------------------- h4: T(d)
+# --------------------------------------------------------------------------- docs/methods/rwt.md#tests
 def test_soft_target_matrix_worked_example_and_properties() -> None:
     d = torch.tensor([3.0, 1.0, 2.0, 1.0], dtype=torch.float64)
     expected = torch.tensor(
@@ -208,7 +210,7 @@ def test_kl_soft_treats_zero_targets_as_zero_log_zero() -> None:
     torch.testing.assert_close(kl_soft(t, z), ref)
 
 
-# --------------------------------------------------------------------------- h5: reduction to the base
+# --------------------------------------------------------------------------- docs/methods/rwt.md#tests
 BASES = [(name, awp) for awp in (False, True) for name in ("trades", "pgd_at", "mart")]
 
 
@@ -279,7 +281,7 @@ def test_label_term_is_scaled_by_one_minus_eta(name, data) -> None:
     torch.testing.assert_close(total, base.loss - 0.3 * base.label_term, rtol=0, atol=1e-12)
 
 
-# --------------------------------------------------------------------------- h6: the authors' procedure
+# --------------------------------------------------------------------------- docs/methods/rwt.md#tests
 def _literal_rwt_trades(model, x, x_adv, y, beta, eta, second_coef, c):
     """The released code's recipe: .grad of separate backwards, fresh forwards for every term."""
     n = model.fc.out_features
@@ -372,7 +374,7 @@ def test_targets_under_awp_are_taken_at_the_perturbed_weights(data) -> None:
         torch.testing.assert_close(p1, p2, rtol=0, atol=1e-10)
 
 
-# --------------------------------------------------------------------------- h7: the noise hook
+# --------------------------------------------------------------------------- docs/methods/rwt.md#tests
 def test_noise_touches_only_conv_weights_during_the_attack_and_is_restored_bit_exactly(data) -> None:
     x, y = data
     model = _prn()
@@ -423,7 +425,7 @@ def test_state_dict_round_trip_resumes_the_noise_stream() -> None:
         assert all(torch.equal(got[n], expected[n]) for n in expected)
 
 
-# --------------------------------------------------------------------------- h8: attack constraints
+# --------------------------------------------------------------------------- docs/methods/rwt.md#tests
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
 def test_attack_under_noise_respects_the_threat_model(norm, eps, data) -> None:
     x, y = data
@@ -440,7 +442,7 @@ def test_attack_under_noise_respects_the_threat_model(norm, eps, data) -> None:
     assert [p.requires_grad for p in model.parameters()] == flags
 
 
-# --------------------------------------------------------------------------- h9: smoke runs, pass counts
+# --------------------------------------------------------------------------- docs/methods/rwt.md#tests
 def _count_forwards(model: nn.Module) -> list[int]:
     calls = [0]
 
@@ -484,7 +486,7 @@ def test_pgd_at_needs_exactly_one_extra_clean_forward(data) -> None:
     assert counts[True] == counts[False] + 1
 
 
-# --------------------------------------------------------------------------- b.7 ablation variant
+# --------------------------------------------------------------------------- docs/methods/rwt.md#fd-literal
 def test_fd_literal_terms_match_exact_directional_derivatives(data) -> None:
     x, y = data
     x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
@@ -606,7 +608,8 @@ def test_paper_recipes_build_rwt_on_their_model(recipe, compose) -> None:
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_paper_recipes_drop_the_lr_at_the_100th_and_150th_epoch(recipe, compose) -> None:
-    """Spec §d: lr / 10 at the 100th and 150th epochs; the authors' scripts count epochs from 1 and drop
+    """docs/methods/rwt.md#presets: lr / 10 at the 100th and 150th epochs; the authors' scripts count epochs
+    from 1 and drop
     when `epoch >= 100` / `>= 150`, i.e. at 0-indexed epochs 99 and 149 (our trainer's epochs)."""
     cfg = compose([f"experiment=rwt/{recipe}", "logger=none"])
     t = cfg.trainer

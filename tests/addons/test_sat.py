@@ -1,4 +1,5 @@
-"""SAT add-on (spec specs/sat.md): section (h) tests, reductions to every host, config and end-to-end runs."""
+"""SAT add-on (docs/methods/sat.md#tests): docs/methods/sat.md#tests, reductions to every host, config and
+end-to-end runs."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def _sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-# ---------------------------------------------------------------------------------------------- (h.1-2)
+# ----------------------------------------------------------------------------------------------
+# docs/methods/sat.md#tests
 def test_lam_zero_attack_is_bit_identical_to_host_attack(prn, data) -> None:
     x, y = data
     for host in HOSTS:
@@ -136,7 +138,8 @@ def test_sat_pgd_step_loss_is_ce_plus_beta_cluster_of_train_mode_adv_features(pr
     torch.testing.assert_close(metrics["loss"], (F.cross_entropy(logits, y) + beta * clu).detach())
 
 
-# ---------------------------------------------------------------------------------------------- (h.3-5)
+# ----------------------------------------------------------------------------------------------
+# docs/methods/sat.md#tests
 def _hand_features() -> tuple[torch.Tensor, torch.Tensor]:
     f = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 1.0], [1.0, 3.0], [1.0, 5.0]], dtype=torch.float64)
     return f, torch.tensor([0, 0, 1, 1, 1])
@@ -144,7 +147,7 @@ def _hand_features() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_cluster_loss_hand_example() -> None:
     f, y = _hand_features()
-    # Tolerance 1e-5: the eps-safe roots move the value by about 1e-6 (spec h.3).
+    # Tolerance 1e-5: the eps-safe roots move the value by about 1e-6 (docs/methods/sat.md#cluster-loss).
     assert abs(float(cluster_loss([f], y, 3, "code")) - 3.2) < 1e-5
     paper = cluster_loss([f], y, 3, "paper")
     assert abs(float(paper) - (1 + (8 / 3) ** 0.5) / 2) < 1e-5 and abs(float(paper) - 1.316497) < 1e-5
@@ -220,7 +223,8 @@ def test_batch_frobenius_objective_is_b_times_code_objective(prn, data) -> None:
     torch.testing.assert_close(term, -0.15 * rows, rtol=0, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------- (h.6-9)
+# ----------------------------------------------------------------------------------------------
+# docs/methods/sat.md#tests
 @pytest.mark.parametrize("host", ["pgd_at", "trades"])
 def test_adversarial_batch_stays_in_ball_and_box(prn, data, host: str) -> None:
     x, y = data
@@ -289,7 +293,8 @@ def test_sat_trades_does_not_collapse_to_the_start(prn, data) -> None:
     assert float(r_inf.mean()) > EPS / 2
 
 
-# ---------------------------------------------------------------------------------------------- init (g.7)
+# ----------------------------------------------------------------------------------------------
+# docs/methods/sat.md#attack-start
 def test_code_gaussian_start_distribution_shape_and_clipping() -> None:
     threat = CodeGaussianStart("linf", EPS)
     x = torch.full((64, 3, 16, 16), 0.5, dtype=torch.float64)
@@ -372,7 +377,8 @@ def test_presets_use_the_authors_stem_and_start(path: Path) -> None:
     model, defense = overrides["override /model"], overrides["override /defense"]
     # ResNet-18: the authors' 7x7 stride-2 stem (2048-d taps, the size lambda/beta were tuned on).
     assert preset["model"].get("stem") == ("conv7x7_s2" if model == "resnet18" else None)
-    # The authors' SAT attack starts from their Gaussian; SAT-TRADES keeps TRADES' start (spec b.5, no code).
+    # The authors' SAT attack starts from their Gaussian; SAT-TRADES keeps TRADES' start
+    # (docs/methods/sat.md#composition).
     init = preset["addons"]["sat"].get("init", "host")
     assert init == ("host" if defense == "trades" else "code_gaussian")
     assert preset["defense"]["attack"]["steps"] >= 1 and preset["threat"]["norm"] == "linf"
@@ -389,7 +395,8 @@ def test_resnet18_preset_taps_are_2048_dim_at_full_width(compose) -> None:
     assert [feats[n].flatten(1).shape[1] for n in taps] == [2048, 2048]  # 512 channels x 2 x 2
 
 
-# ---------------------------------------------------------------------------------------------- (h.10)
+# ----------------------------------------------------------------------------------------------
+# docs/methods/sat.md#tests
 def test_taps_auto_exist_match_manual_recomputation_and_are_removed(prn, data) -> None:
     x, y = data
     assert default_taps(prn) == ["layer4.0", "layer4.1"]
@@ -417,7 +424,8 @@ def test_taps_auto_exist_match_manual_recomputation_and_are_removed(prn, data) -
     assert all(not m._forward_hooks for m in prn.modules())
 
 
-# ---------------------------------------------------------------------------------------------- (h.11)
+# ----------------------------------------------------------------------------------------------
+# docs/methods/sat.md#tests
 def test_clustering_accuracy() -> None:
     g = torch.Generator().manual_seed(0)
     centers = 10.0 * torch.eye(4, dtype=torch.float64)
@@ -447,7 +455,8 @@ def test_clustering_accuracy() -> None:
     assert report["feat"] == 0.0
 
 
-# ---------------------------------------------------------------------------------------------- (h.12)
+# ----------------------------------------------------------------------------------------------
+# docs/methods/sat.md#tests
 def test_cluster_term_decreases_when_training_a_fixed_batch(prn, data) -> None:
     x, y = data
     defense = _defense("pgd_at", steps=1)

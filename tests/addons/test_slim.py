@@ -1,4 +1,5 @@
-"""SLIM (specs/slim.md): dictionary values, draws, gradient routing, constraint, host routing, exactness."""
+"""SLIM (docs/methods/slim.md#tests): dictionary values, draws, gradient routing, constraint, host routing,
+exactness."""
 
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def _spy(slim: SLIM, record: list) -> None:
     slim.inner_objective = spy
 
 
-# --------------------------------------------------------------------------- (h4) dictionary values
+# --------------------------------------------------------------------------- docs/methods/slim.md#tests
+# dictionary values
 @pytest.mark.parametrize("cos_mode", ["flatten", "channel"])
 def test_dictionary_values(cos_mode: str) -> None:
     g = torch.Generator().manual_seed(0)
@@ -128,7 +130,8 @@ def test_channel_cosine_is_mean_of_per_position_cosines() -> None:
     torch.testing.assert_close(make_dict_loss("reverse")(a, b), -flat)
 
 
-# --------------------------------------------------------------------------- (h3) layers and shapes
+# --------------------------------------------------------------------------- docs/methods/slim.md#tests
+# layers and shapes
 RESNET_SHAPES = {
     "layer1": (64, 32, 32),
     "layer2": (128, 16, 16),
@@ -166,7 +169,8 @@ def test_unknown_layer_fails_at_build_naming_known_layers() -> None:
     "defense_name, awp, zero", [(d, a, "fixed_lambda") for d, a in HOSTS] + [("trades", False, "lam_range")]
 )
 def test_strength_zero_is_exactly_the_base_step(defense_name: str, awp: bool, zero: str) -> None:
-    """(h1) same x_adv; same loss, parameters and global RNG stream after two steps (float64, torch.equal)."""
+    """docs/methods/slim.md#tests same x_adv; same loss, parameters and global RNG stream after two steps
+    (float64, torch.equal)."""
     x, y = _data()
     model_a, model_b = _model(), _model()
     off = {"fixed_lambda": 0.0} if zero == "fixed_lambda" else {"lam_low": 0.0, "lam_high": 0.0}
@@ -211,7 +215,8 @@ def test_active_slim_changes_the_attack_but_not_the_global_rng(defense_name: str
     assert not torch.equal(xa, xb)
 
 
-# --------------------------------------------------------------------------- (h2) outer loss untouched
+# --------------------------------------------------------------------------- docs/methods/slim.md#tests outer
+# loss untouched
 @pytest.mark.parametrize("defense_name", ["pgd_at", "trades", "mart"])
 def test_outer_loss_is_the_hosts_on_the_slim_batch(defense_name: str) -> None:
     x, y = _data()
@@ -239,7 +244,8 @@ def test_outer_loss_is_the_hosts_on_the_slim_batch(defense_name: str) -> None:
         torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-14, msg=name)
 
 
-# --------------------------------------------------------------------------- (h5) gradient routing
+# --------------------------------------------------------------------------- docs/methods/slim.md#tests
+# gradient routing
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_dict_gradient_reaches_modules_up_to_the_layer_only(loss_name: str) -> None:
     x, _ = _data(2)
@@ -279,7 +285,8 @@ def test_attack_leaves_parameter_gradients_and_flags_untouched() -> None:
         assert torch.equal(p.grad, grads[n]) and p.requires_grad == flags[n], n
 
 
-# --------------------------------------------------------------------------- (h6) constraint
+# --------------------------------------------------------------------------- docs/methods/slim.md#tests
+# constraint
 def test_every_step_stays_in_the_ball_and_box_for_every_layer_and_loss() -> None:
     g = torch.Generator().manual_seed(4)
     x = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64)
@@ -300,7 +307,8 @@ def test_every_step_stays_in_the_ball_and_box_for_every_layer_and_loss() -> None
                     assert xa.min() >= 0 and xa.max() <= 1
 
 
-# --------------------------------------------------------------------------- (h7) sampling
+# --------------------------------------------------------------------------- docs/methods/slim.md#tests
+# sampling
 def test_draws_are_uniform() -> None:
     slim = _slim(_model())
     draws = [slim.draw() for _ in range(10_000)]
@@ -368,7 +376,8 @@ def test_sample_mode_objective_is_per_example_term() -> None:
     torch.testing.assert_close(total.detach(), expect.detach())
 
 
-# --------------------------------------------------------------------------- (h8) determinism
+# --------------------------------------------------------------------------- docs/methods/slim.md#tests
+# determinism
 def test_same_seed_same_draws_adversarials_and_weights() -> None:
     x, y = _data()
     seqs = []
@@ -390,7 +399,8 @@ def test_same_seed_same_draws_adversarials_and_weights() -> None:
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
-# --------------------------------------------------------------------------- (h9) state hygiene
+# --------------------------------------------------------------------------- docs/methods/slim.md#tests state
+# hygiene
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_no_hooks_remain_and_mode_is_restored(mode: str) -> None:
     x, y = _data()
@@ -406,7 +416,8 @@ def test_no_hooks_remain_and_mode_is_restored(mode: str) -> None:
     assert torch.equal(evaluated(x), bare.eval()(x))
 
 
-# --------------------------------------------------------------------------- (h10) batch independence
+# --------------------------------------------------------------------------- docs/methods/slim.md#tests batch
+# independence
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_attacking_a_batch_equals_attacking_each_example(loss_name: str) -> None:
     x, y = _data(3)
@@ -433,7 +444,8 @@ def test_attacking_a_batch_equals_attacking_each_example(loss_name: str) -> None
     torch.testing.assert_close(adv_b, torch.cat([s[1] for s in singles]), rtol=0, atol=1e-12)
 
 
-# --------------------------------------------------------------------------- (h11) host loss routing
+# --------------------------------------------------------------------------- docs/methods/slim.md#tests host
+# loss routing
 @pytest.mark.parametrize("defense_name", ["pgd_at", "trades", "mart"])
 def test_task_term_is_the_hosts_inner_loss(defense_name: str) -> None:
     x, y = _data()
@@ -543,7 +555,8 @@ E2E = [
 def test_end_to_end_run_and_evaluation_never_invokes_slim(
     compose, tmp_path, monkeypatch, defense_name
 ) -> None:
-    """(h12) two epochs train with finite losses; SLIM runs in every training attack and nowhere else."""
+    """docs/methods/slim.md#tests two epochs train with finite losses; SLIM runs in every training attack and
+    nowhere else."""
     import robust_train.training.run as run_module
 
     calls = {"attack": 0, "inner": 0}
@@ -572,7 +585,8 @@ def test_end_to_end_run_and_evaluation_never_invokes_slim(
     monkeypatch.setattr(SLIM, "attack_context", ctx)
     monkeypatch.setattr(SLIM, "inner_objective", inner)
     monkeypatch.setattr(run_module, "run_suite", suite)
-    # Beyond the standard smoke overrides: two epochs (spec h12); fewer attack steps and validation
+    # Beyond the standard smoke overrides: two epochs (docs/methods/slim.md#tests); fewer attack steps and
+    # validation
     # examples keep it fast.
     cfg = compose(
         [*E2E, f"defense={defense_name}", "trainer.epochs=2", "defense.attack.steps=2",

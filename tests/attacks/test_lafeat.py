@@ -1,4 +1,5 @@
-"""LAFEAT (base spec §8 and its §10 properties): heads, cache, attack loop, orchestration, configs."""
+"""LAFEAT (docs/methods/lafeat.md, docs/methods/lafeat.md#tests): heads, cache, attack loop, orchestration,
+configs."""
 
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def test_at_least_as_strong_as_pgd20(trained, tmp_path) -> None:
 
 
 def test_heads_learn_the_model_prediction_and_the_model_stays_frozen(tmp_path) -> None:
-    """Spec §10.3 and §10.5: labels are the model's predictions; the model is never updated."""
+    """docs/methods/lafeat.md#heads, docs/methods/lafeat.md#tests: labels are the model's predictions; the
+    model is never updated."""
     torch.manual_seed(0)
     model = SmallNet()
     with torch.no_grad():
@@ -169,7 +171,7 @@ def test_heads_learn_the_model_prediction_and_the_model_stays_frozen(tmp_path) -
 
 
 def _start(x: torch.Tensor, eps: float, seed: int, draw: int = 0) -> torch.Tensor:
-    """The APGD-style start of spec §8.2 from the `draw`-th uniform draw after seeding."""
+    """The APGD-style start of docs/methods/lafeat.md#attack from the `draw`-th uniform draw after seeding."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(draw + 1):
         t = torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1
@@ -179,10 +181,12 @@ def _start(x: torch.Tensor, eps: float, seed: int, draw: int = 0) -> torch.Tenso
 
 def _official_run(model: nn.Module, x, y, eps: float, n: int, seed: int, head: nn.Module | None = None,
                   beta: float = 0.0, target=None, draw: int = 0) -> torch.Tensor:  # fmt: skip
-    """One run written from spec §8.2/§8.3 in the official loop's order, not from our code.
+    """One run written from docs/methods/lafeat.md#attack, docs/methods/lafeat.md#targeted in the official
+    loop's order, not from our code.
 
     Each iteration evaluates x_i, records the points fooled there, and only then steps, so x_N is
-    never scored. `head=None` is spec §10's "heads ignored" (β = 0). Fooled points come back where
+    never scored. `head=None` is docs/methods/lafeat.md#tests's "heads ignored" (β = 0). Fooled points come
+    back where
     they were fooled (the official record); the others as x_{N-1} (our choice; officially clean x).
     """
     feats: dict[str, torch.Tensor] = {}
@@ -291,7 +295,8 @@ class _Linear(nn.Module):
 
 
 def test_a_run_scores_x0_to_x_n_minus_1_never_x_n(tmp_path) -> None:
-    """Spec §8.2: the official loop scores x_i before stepping, so a point only x_N fools stays robust.
+    """docs/methods/lafeat.md#attack: the official loop scores x_i before stepping, so a point only x_N fools
+    stays robust.
 
     The first step (2 eps) saturates every pixel at x + eps: x_1 maximizes sum(x). With b between
     sum(x_0) and sum(x_1), N = 1 must leave the point robust at x_0 and N = 2 must fool it at x_1.
@@ -311,7 +316,8 @@ def test_a_run_scores_x0_to_x_n_minus_1_never_x_n(tmp_path) -> None:
 
 
 def test_targeted_runs_draw_a_fresh_start_per_target(tmp_path, monkeypatch) -> None:
-    """Spec §8.3: the official targeted attack reseeds once per beta, then each target takes the next
+    """docs/methods/lafeat.md#targeted: the official targeted attack reseeds once per beta, then each target
+    takes the next
     random start; the untargeted runs reseed every run (the same start for every beta)."""
     torch.manual_seed(0)
     model = SmallNet().eval()

@@ -1,4 +1,4 @@
-"""SSA / SSAH (base spec §9, its binding decisions and §10 properties)."""
+"""SSA / SSAH (docs/methods/ssa.md, docs/methods/ssa.md#bounded-evaluation, docs/methods/ssa.md#tests)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""AWP (base spec §4, §10): which tensors, their norms, bit-exact restore, BN buffers, gamma = 0."""
+"""AWP (docs/methods/awp.md, docs/methods/awp.md#tests): which tensors, their norms, bit-exact restore, BN
+buffers, gamma = 0."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """TRADES' and MART's training attacks and steps against hand-written copies of the official loops
-(base spec §2.1-§2.2, §3.1-§3.2): the 0.001*N(0, I) start, taken unclipped, then step, ball, box.
+(docs/methods/trades.md#loss, docs/methods/trades.md#training-attack, docs/methods/mart.md#training-attack,
+docs/methods/mart.md#loss): the 0.001*N(0, I) start, taken unclipped, then step, ball, box.
 
 Float64 and a smooth tiny model with BatchNorm, so every comparison holds to rounding and a sign flip can
 only come from a real difference. Many pixels sit exactly at 0 or 1, where a clipped start would differ.

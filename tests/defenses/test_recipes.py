@@ -1,5 +1,7 @@
 """The composed configs of TRADES and MART keep the official attack start, and the base recipes drop the
-learning rate at their reference codes' epochs (base spec §2.2, §2.3, §3.1, §3.3, §4.5)."""
+learning rate at their reference codes' epochs (docs/methods/trades.md#training-attack,
+docs/methods/trades.md#recipes, docs/methods/mart.md#training-attack, docs/methods/mart.md#recipes,
+docs/methods/awp.md#recipes)."""
 
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ BASE_DROPS = {
     "base/mart_resnet18_official": [(74, 0), (89, 0), (99, 0)],  # MART train_resnet.py: 75, 90, 100
     "base/trades_awp_wrn34": [(99, 0), (149, 0)],  # AWP trades_AWP/train_trades_cifar.py: >= 100, >= 150
     "base/trades_awp_prn18": [(99, 0), (149, 0)],
-    "base/mart_awp_wrn34": [(99, 0), (149, 0)],  # by analogy with TRADES-AWP (base spec §4.4)
+    "base/mart_awp_wrn34": [(99, 0), (149, 0)],  # by analogy with TRADES-AWP (docs/methods/awp.md#mart-awp)
     "base/pgd_at_prn18": [(99, 9), (149, 9)],  # robust_overfitting train_cifar.py, per iteration
     "base/pgd_at_wrn34": [(99, 9), (149, 9)],
     "base/awp_prn18": [(99, 9), (149, 9)],  # AT_AWP/train_cifar10.py, the same rule

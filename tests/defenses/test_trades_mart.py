@@ -1,4 +1,5 @@
-"""TRADES and MART (base spec §2, §3, §10): losses against direct computations and their properties."""
+"""TRADES and MART (docs/methods/trades.md#tests, docs/methods/mart.md#tests): losses against direct
+computations and their properties."""
 
 from __future__ import annotations
 

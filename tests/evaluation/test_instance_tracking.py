@@ -1,4 +1,5 @@
-"""Instance-wise robustness tracking across epochs (ISEAT §a): metrics on hand-built matrices, the
+"""Instance-wise robustness tracking across epochs (docs/methods/iseat.md#analysis): metrics on hand-built
+matrices, the
 callback inside a tiny training run, resume, and config errors."""
 
 from __future__ import annotations
