@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from robust_train.errors import RobustTrainError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 EXIT_USER_ERROR = 2
 EXIT_JOB_FAILED = 1
 # Written into a multirun job's output dir when the job fails; removed when the job later succeeds.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,67 +30,14 @@ WANDB_MODES = ("offline", "online", "disabled")
 CHECKPOINT_KINDS = ("best", "last")
 
 
-def _parse_number(text: str) -> float:
-    """A plain number or a fraction of two numbers ("8/255", "0.5/255"); ValueError otherwise."""
-    if "/" in text:
-        num, _, den = text.partition("/")
-        value = float(num) / float(den)  # ZeroDivisionError for "x/0"
-    else:
-        value = float(text)
-    return value
-
-
-def to_float(value: Any, key: str) -> float:
-    """Parse 0.03, 8/255, "8/255" or "0.5/255"; raise ConfigError naming `key` otherwise."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} is not a number; write e.g. 0.03 or 8/255")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return _parse_number(value.strip())
-        except (ValueError, ZeroDivisionError):
-            pass
-    raise ConfigError(f"{key}={value!r} is not a number; write e.g. 0.03 or 8/255")
-
-
-# A step written relative to the attack's radius: "eps", "eps/4", "0.25*eps", "eps*0.25", "2*eps/5".
-_NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
-_RELATIVE_STEP = re.compile(
-    rf"^(?:(?P<a>{_NUM})\s*\*\s*)?eps(?:\s*\*\s*(?P<b>{_NUM}))?(?:\s*/\s*(?P<c>{_NUM}))?$"
+from robust_train.schema import (  # noqa: E402  (numbers are parsed in one place)
+    STEP_HELP,
+    relative_step_factor,
+    resolve_step,
+    to_float,
 )
-STEP_HELP = "write an absolute size (0.01, 2/255) or one relative to eps (eps/4, 0.25*eps)"
 
-
-def relative_step_factor(value: Any) -> float | None:
-    """The factor k of a step written as k*eps ("eps/4" -> 0.25); None for an absolute step."""
-    if not isinstance(value, str):
-        return None
-    m = _RELATIVE_STEP.match(value.strip())
-    if m is None:
-        return None
-    factor = float(m["a"] or 1.0) * float(m["b"] or 1.0)
-    den = float(m["c"] or 1.0)
-    if den == 0:
-        return None
-    return factor / den
-
-
-def resolve_step(value: Any, eps: float, key: str) -> float:
-    """A step size in pixel units: relative steps ("eps/4") scale with this attack's eps.
-
-    Steps follow the radius unless written as absolute numbers, so `threat.eps=4/255` alone also halves
-    the default step (eps/4) instead of keeping a step sized for another radius.
-    """
-    factor = relative_step_factor(value)
-    if factor is not None:
-        return factor * float(eps)
-    if isinstance(value, str) and "eps" in value:
-        raise ConfigError(f"{key}={value!r} is not a step; {STEP_HELP}")
-    try:
-        return to_float(value, key)
-    except ConfigError:
-        raise ConfigError(f"{key}={value!r} is not a step; {STEP_HELP}") from None
+__all__ = ["STEP_HELP", "relative_step_factor", "resolve_step", "to_float"]
 
 
 def numeric_config(config: dict[str, Any]) -> dict[str, Any]:

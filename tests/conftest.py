@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "robust_train" / "conf"
 
 # Tests run tiny models, where intra-op thread start-up and oversubscription of a small shared CPU cost
 # far more than they save (measured on the 2-core CI machine: a 1-epoch run took 7x longer with 2 threads).

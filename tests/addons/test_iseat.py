@@ -34,7 +34,7 @@ from robust_train.training.run import train_run
 from robust_train.training.schedule import lr_at
 from robust_train.training.step import TrainStep
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
 EPS, ALPHA, K = 8 / 255, 2 / 255, 3
 
 

@@ -28,7 +28,7 @@ from robust_train.models.base import pool_flatten
 from robust_train.models.preact_resnet import PreActResNet
 from robust_train.training.step import TrainStep
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 2
 SEED = 5
 

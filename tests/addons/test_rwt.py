@@ -37,7 +37,7 @@ from robust_train.training.step import TrainStep
 
 REPO = Path(__file__).resolve().parents[2]
 EPS = 8 / 255
-DEFAULTS = OmegaConf.load(REPO / "conf" / "addons" / "rwt.yaml")
+DEFAULTS = OmegaConf.load(REPO / "robust_train" / "conf" / "addons" / "rwt.yaml")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -587,7 +587,7 @@ def test_composed_config_order_zero_without_noise_is_the_base_loss(base, compose
     assert torch.equal(losses[0], losses[1])
 
 
-RECIPES = sorted(p.stem for p in (REPO / "conf" / "experiment" / "rwt").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (REPO / "robust_train" / "conf" / "experiment" / "rwt").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

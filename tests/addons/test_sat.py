@@ -29,7 +29,7 @@ from robust_train.training.run import train_run
 from robust_train.training.step import TrainStep
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 3
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
 HOSTS = {"pgd_at": "uniform", "trades": "normal", "mart": "normal"}
 
 

@@ -23,7 +23,7 @@ from robust_train.models import build_model, forward_with_features
 from robust_train.training.forwards import StepForwards
 from robust_train.training.step import TrainStep
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
 DEFAULTS = OmegaConf.load(CONF / "addons" / "slim.yaml")
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 3
 THREAT = ThreatModel("linf", EPS)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from robust_train.data import DATASET_NAMES, build_dataset
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
+CONF = Path(__file__).resolve().parents[2] / "robust_train" / "conf" / "dataset"
 REAL = ("cifar10", "cifar100", "svhn", "tiny_imagenet")
 COMMON = (
     "name", "val_size", "train_limit", "val_limit", "test_limit", "num_classes", "image_shape", "mean", "std",
@@ -37,7 +37,7 @@ def test_keys(name, monkeypatch):
     assert len(cfg.mean) == len(cfg.std) == cfg.image_shape[0]
     if name in REAL:
         assert cfg.download is True and cfg.check_integrity is True and cfg.root == "/datasets"
-        assert (cfg.threat.eps, cfg.threat.step) == ("8/255", "2/255")
+        assert (cfg.threat.eps, cfg.threat.step) == ("8/255", "eps/4")
         assert list(cfg.image_shape) == ([3, 64, 64] if name == "tiny_imagenet" else [3, 32, 32])
     assert cfg.flip is (name not in ("svhn", "mnist5k"))
 
@@ -49,7 +49,7 @@ def test_root_falls_back_to_data(monkeypatch):
 
 def test_mnist5k_config_builds():
     cfg = _load("mnist5k")
-    assert (cfg.threat.eps, cfg.threat.step) == (0.1, 0.025)
+    assert (cfg.threat.eps, cfg.threat.step) == (0.1, "eps/4")
     b = build_dataset(cfg, seed=0)
     assert (len(b.train_y), len(b.val_y), len(b.test_y)) == (3500, 500, 1000)
     assert list(b.mean) == list(cfg.mean) and b.num_classes == cfg.num_classes

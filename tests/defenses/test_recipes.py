@@ -14,7 +14,7 @@ from robust_train.builders import threat_from_config
 from robust_train.defenses import build_defense
 from robust_train.training.schedule import lr_at
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
 TRADES_LIKE = ("trades", "mart", "trades_awp", "mart_awp")
 # Every preset whose base defense is TRADES or MART (any variant), found from its defaults list.
 TRADES_LIKE_PRESETS = sorted(

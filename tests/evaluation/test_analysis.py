@@ -361,7 +361,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from robust_train.tracking.checkpoint import load_checkpoint, save_checkpoint
     from robust_train.training.run import train_run
 
-    conf = Path(__file__).resolve().parents[2] / "conf"
+    conf = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         overrides = [
@@ -389,7 +389,7 @@ def test_robust_eval_with_analysis(tiny_checkpoint: Path, tmp_path: Path, capsys
 
     from robust_train.evaluation.run import evaluate_checkpoint
 
-    conf = Path(__file__).resolve().parents[2] / "conf"
+    conf = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("evaluate", overrides=[

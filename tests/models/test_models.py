@@ -31,7 +31,7 @@ from robust_train.models import (
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2471, 0.2435, 0.2616)
 TINY = 0.125
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF_DIR = Path(__file__).resolve().parents[2] / "robust_train" / "conf" / "model"
 
 # Stage-output names per architecture and the number of block outputs.
 EXPECTED_STAGES = {

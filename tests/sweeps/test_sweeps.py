@@ -157,7 +157,7 @@ def test_launcher_configs_compose_with_overridable_resources(launcher: str, keys
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "robust_train" / "conf"), version_base="1.3"):
         extra = ["hydra.launcher.partition=gpu"] if launcher == "submitit_slurm" else []
         cfg = compose("config", [f"hydra/launcher={launcher}", *extra], return_hydra_config=True)
     node = cfg.hydra.launcher

@@ -15,8 +15,8 @@ from robust_train.defenses import build_defense
 from robust_train.training.step import TrainStep
 
 EXPERIMENTS = sorted(
-    str(p.relative_to(Path("conf/experiment")).with_suffix(""))
-    for p in Path("conf/experiment").rglob("*.yaml")
+    str(p.relative_to(Path("robust_train/conf/experiment")).with_suffix(""))
+    for p in Path("robust_train/conf/experiment").rglob("*.yaml")
 )
 
 
