@@ -41,8 +41,8 @@ def threat_from_config(threat_cfg: Any) -> ThreatModel:
 def optimizer_from_config(
     opt_cfg: Any, model: nn.Module, device: torch.device, fused: bool = False
 ) -> torch.optim.Optimizer:
-    """SGD with momentum, optional Nesterov, weight decay on every parameter (docs/methods/README.md#training-
-    recipe).
+    """SGD with momentum, optional Nesterov, weight decay on every parameter
+    (docs/methods/README.md#training-recipe).
 
     `fused` (the fast path's `fused_sgd`) asks for the fused kernel, else the foreach one.
     """

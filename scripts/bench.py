@@ -69,7 +69,7 @@ from robust_train.builders import (
     threat_from_config,
 )
 from robust_train.cli import CONFIG_DIR
-from robust_train.config import resolve_device, to_float
+from robust_train.config import resolve_device, resolve_step, to_float
 from robust_train.data import augment_batch, batch_indices, build_dataset
 from robust_train.data import to_float as u8_to_float
 from robust_train.defenses import build_defense
@@ -292,7 +292,8 @@ def make_reference(b: Built, batch: int, workers: int) -> Callable[[], None] | N
         weight_decay=to_float(opt_cfg.weight_decay, "wd"),
     )  # fmt: skip
     attack = b.cfg.defense.attack
-    eps, alpha, steps = b.threat.eps, to_float(attack.step, "step"), int(attack.steps)
+    eps, steps = b.threat.eps, int(attack.steps)
+    alpha = resolve_step(attack.step, eps, "defense.attack.step")
     beta = to_float(b.cfg.defense.get("beta", 6.0), "beta")
     loader = reference_loader(b, batch, workers)
     totals = {"loss": 0.0, "acc": 0.0, "n": 0}

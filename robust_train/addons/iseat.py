@@ -327,8 +327,8 @@ class ISEAT(Addon):
         try:
             if self.lam_t > 0 and x_adv is not None:
                 self._ref = self._references(model, x, x_adv)
-            # nu from the base outer loss on the proxy (PGD-AT: mean CE(x'), docs/methods/iseat.md#weight-
-            # perturbation; TRADES/MART:
+            # nu from the base outer loss on the proxy (PGD-AT: mean CE(x'),
+            # docs/methods/iseat.md#weight-perturbation; TRADES/MART:
             # their own loss, docs/methods/iseat.md#composition; applied for the outer step, then removed.
             with self.awp.weight_perturbation(model, base_loss):
                 yield

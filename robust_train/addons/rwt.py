@@ -103,8 +103,8 @@ def kl_soft(t: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def taylor_targets(
     r_nat: torch.Tensor, r_adv: torch.Tensor, y: torch.Tensor, c: float, second_target: str = "reference"
 ) -> dict[str, torch.Tensor]:
-    """Per-example soft targets (B, C) of the first- and second-order terms (docs/methods/rwt.md#soft-
-    targets)."""
+    """Per-example soft targets (B, C) of the first- and second-order terms
+    (docs/methods/rwt.md#soft-targets)."""
     a_n, a_a = r_nat.abs(), r_adv.abs()
     q_n, q_a = r_nat * r_nat, r_adv * r_adv  # Hadamard product, as the released code
     t2 = soft_target_matrix(q_a - q_n, c)

@@ -162,8 +162,8 @@ class CodeGaussianStart(ThreatModel):
 
 
 def default_taps(model: nn.Module) -> list[str]:
-    """`layers: auto`: the last two residual blocks of the model's last stage (docs/methods/sat.md#tapped-
-    features)."""
+    """`layers: auto`: the last two residual blocks of the model's last stage
+    (docs/methods/sat.md#tapped-features)."""
     base = getattr(model, "_orig_mod", model)
     stages = list(getattr(base, "feature_layers", []))
     blocks = list(getattr(base, "block_layers", []))

@@ -310,8 +310,8 @@ class SLIM(Addon):
 
         attack = _cfg_get(_cfg_get(run_cfg, "defense"), "attack")
         if _cfg_get(attack, "random_start") == "none":
-            # At x_adv = x every dictionary term has zero input gradient (docs/methods/slim.md#random-start-
-            # required).
+            # At x_adv = x every dictionary term has zero input gradient
+            # (docs/methods/slim.md#random-start-required).
             p.append(
                 "addons.slim needs a random attack start, but defense.attack.random_start=none; "
                 "choose uniform or normal"
