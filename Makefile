@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint format clean
+.PHONY: install demo test test-all bench lint typecheck check format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,13 +34,22 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) scripts/bench.py --model preact_resnet18 --width 0.25 --batch 128 --defense pgd_at trades $(BENCH_ARGS)
 
+LINT_PATHS := robust_train hydra_plugins tests scripts examples
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check robust_train tests scripts
-	$(VENV)/bin/ruff format --check robust_train tests scripts
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+# mypy over the package; its settings are in pyproject.toml ([tool.mypy]).
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+# What CI checks besides the tests: lint, format and types.
+check: lint typecheck
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format robust_train tests scripts
-	$(VENV)/bin/ruff check --fix robust_train tests scripts
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,4 +1,8 @@
-"""Turn validated config nodes into objects: model, optimizer, threat model, fast path."""
+"""Turn config nodes into objects: model, optimizer, threat model, fast path.
+
+Each builder validates its node with the node's schema first (a DictConfig, a plain dict or the schema
+object itself is accepted), so the objects are built from checked values and the schema's defaults.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ import torch
 from torch import nn
 
 from robust_train.attacks import ThreatModel, build_threat
-from robust_train.config import to_float
 from robust_train.data import DataBundle
-from robust_train.models import build_model
+from robust_train.models import build_model, check_model
+from robust_train.schema import raise_problems, validate_node
 from robust_train.training.fastpath import FastPath, build_sgd
+from robust_train.training.trainer import OptimizerConfig
 
 
 def model_from_config(model_cfg: Any, data: DataBundle | None = None, **meta: Any) -> nn.Module:
@@ -19,19 +24,13 @@ def model_from_config(model_cfg: Any, data: DataBundle | None = None, **meta: An
 
     Pass `data`, or `num_classes`, `mean` and `std` (as stored in a checkpoint).
     """
+    cfg, problems = check_model(model_cfg)
+    raise_problems(problems)
+    assert cfg is not None
     num_classes = data.num_classes if data is not None else int(meta["num_classes"])
     mean = data.mean if data is not None else tuple(meta["mean"])
     std = data.std if data is not None else tuple(meta["std"])
-    extra = {k: v for k, v in dict(model_cfg).items() if k not in ("name", "width", "normalize")}
-    return build_model(
-        str(model_cfg["name"]),
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-        width=float(model_cfg.get("width", 1.0)),
-        normalize=str(model_cfg.get("normalize", "meanstd")),
-        **extra,
-    )
+    return build_model(cfg.name, num_classes=num_classes, mean=mean, std=std, **cfg.options())
 
 
 def threat_from_config(threat_cfg: Any) -> ThreatModel:
@@ -46,16 +45,17 @@ def optimizer_from_config(
 
     `fused` (the fast path's `fused_sgd`) asks for the fused kernel, else the foreach one.
     """
+    cfg = validate_node(OptimizerConfig, opt_cfg, "trainer.optimizer")
     return build_sgd(
         model.parameters(),
-        lr=to_float(opt_cfg["lr"], "trainer.optimizer.lr"),
-        momentum=to_float(opt_cfg.get("momentum", 0.0), "trainer.optimizer.momentum"),
-        nesterov=bool(opt_cfg.get("nesterov", False)),
-        weight_decay=to_float(opt_cfg.get("weight_decay", 0.0), "trainer.optimizer.weight_decay"),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
         fused=fused,
     )
 
 
 def fast_path_from_config(fast_cfg: Any, device: torch.device | str) -> FastPath:
-    """The resolved `trainer.fast` switches for `device` (every knob `auto` when the node is absent)."""
+    """The resolved `trainer.fast` switches for `device` (every knob at its default if the node is absent)."""
     return FastPath.from_config(fast_cfg, device)

@@ -2,16 +2,19 @@
 
 `robust-train` trains (or resumes) one run per Hydra job; `robust-eval` evaluates a checkpoint;
 `robust-report` tabulates and plots finished runs (no Hydra: it reads results.json files or W&B).
-User errors (bad config values, missing data files, incompatible checkpoints) print one message and
-exit with code 2, without a traceback. In a multirun a failing job does not stop the sweep: it is
+User errors (bad config values, missing data files, incompatible checkpoints, and Hydra's unknown keys,
+groups and options) print one line and exit with code 2, without a traceback; a run refused before any
+work leaves no run directory behind. In a multirun a failing job does not stop the sweep: it is
 recorded in its run dir (`error.json`), its W&B run is marked failed, the other jobs go on, and the
-sweep ends with a list of the failed jobs and exit code 1.
+sweep ends with a list of the failed jobs and exit code 1. The search path for plugins' and users'
+config folders, nested-option completion and the rewording of Hydra's errors live in hydra_ext.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import traceback
 import warnings
@@ -26,9 +29,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from robust_train.errors import RobustTrainError
+from robust_train import hydra_ext
+from robust_train.errors import ConfigError, RobustTrainError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+CONFIG_DIR = str(hydra_ext.CONFIG_DIR)
 EXIT_USER_ERROR = 2
 EXIT_JOB_FAILED = 1
 # Written into a multirun job's output dir when the job fails; removed when the job later succeeds.
@@ -75,7 +79,63 @@ def _guard(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     try:
         return fn(cfg)
     except (RobustTrainError, OmegaConfBaseException) as err:
+        _discard_fresh_dirs()
         _fail(prog, _user_message(err) or str(err))
+
+
+# Directories that did not exist when this command started (its run or sweep dir first, then the parents
+# Hydra created for it), and whether they belong to a single run; set by CheckOverrides.
+_fresh_dirs: list[Path] = []
+_fresh_is_sweep = False
+# What Hydra writes into a run dir before the task starts: a refused run may leave only these behind.
+_HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def _fresh_dirs_for(run_dir: Path) -> list[Path]:
+    dirs = []
+    path = run_dir.absolute()
+    while not path.exists() and path != path.parent:
+        dirs.append(path)
+        path = path.parent
+    return dirs
+
+
+def _holds_only_hydra_files(run_dir: Path) -> bool:
+    for entry in run_dir.iterdir():
+        if entry.name == ".hydra" and entry.is_dir():
+            if any(not f.is_file() or f.name not in _HYDRA_FILES for f in entry.iterdir()):
+                return False
+        elif not (entry.is_file() and entry.suffix == ".log"):
+            return False
+    return True
+
+
+def _discard_fresh_dirs() -> None:
+    """Remove the run (or sweep) dir of a refused command if it created it and wrote nothing of its own.
+
+    Hydra creates the run dir, `.hydra/` and the log before the task runs (a sweep dir and its
+    `multirun.yaml` before it checks the sweep's options), so a config error found then would otherwise
+    leave an empty-looking run behind (and a resume there would find no checkpoint). A dir that existed
+    before the command, or that holds anything else, is kept.
+    """
+    global _fresh_dirs
+    dirs, _fresh_dirs = _fresh_dirs, []
+    if not dirs or not dirs[0].is_dir():
+        return
+    run_dir = dirs[0]
+    if _fresh_is_sweep:
+        if any(entry.name != "multirun.yaml" for entry in run_dir.iterdir()):
+            return
+    elif not HydraConfig.initialized() or Path(HydraConfig.get().runtime.output_dir).absolute() != run_dir:
+        return
+    elif not _holds_only_hydra_files(run_dir):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in dirs[1:]:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: something else lives there now
+            break
 
 
 def _record_job_failure(prog: str, err: Exception) -> None:
@@ -117,8 +177,12 @@ def _run(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 
 def _set_job_type(cfg: DictConfig, job_type: str) -> None:
-    """W&B job_type: the logger's value, else what this entry point does (train / eval)."""
-    if cfg.get("logger") is not None and not cfg.logger.get("job_type"):
+    """W&B job_type: the logger's value, else what this entry point does (train / eval).
+
+    Only a logger whose node has the key (wandb) gets one; the others' schemas refuse it.
+    """
+    logger = cfg.get("logger")
+    if logger is not None and "job_type" in logger and not logger.get("job_type"):
         with open_dict(cfg):
             cfg.logger.job_type = job_type
 
@@ -137,11 +201,10 @@ def _train(cfg: DictConfig) -> float | None:
 
 
 def _evaluate(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ConfigError("checkpoint is required: robust-eval checkpoint=outputs/.../best.pt")
     from robust_train.evaluation.run import evaluate_checkpoint
 
-    if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise_missing = "checkpoint is required: robust-eval checkpoint=outputs/.../best.pt"
-        _fail("robust-eval", raise_missing)
     out_dir, group = _job_context()
     _set_job_type(cfg, "eval")
     evaluate_checkpoint(cfg, out_dir, group)
@@ -149,15 +212,76 @@ def _evaluate(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def train_main(cfg: DictConfig) -> float | None:
-    """robust-train: train and evaluate one run per Hydra job."""
+def _train_app(cfg: DictConfig) -> float | None:
     return _run("robust-train", _train, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-def eval_main(cfg: DictConfig) -> None:
-    """robust-eval: evaluate a saved checkpoint."""
+def _eval_app(cfg: DictConfig) -> None:
     _run("robust-eval", _evaluate, cfg)
+
+
+def _refuse(prog: str, message: str) -> None:
+    _discard_fresh_dirs()
+    _fail(prog, message)
+
+
+def _main(prog: str, config_name: str, app: Callable[[], Any]) -> None:
+    global _fresh_dirs
+    _fresh_dirs = []
+    try:
+        hydra_ext.install()
+    except RobustTrainError as err:  # e.g. a plugin that fails to import
+        _fail(prog, str(err))
+    with hydra_ext.hydra_errors_reported(prog, config_name, _refuse):
+        app()
+
+
+def train_main() -> None:
+    """robust-train: train and evaluate one run per Hydra job."""
+    _main("robust-train", "config", _train_app)
+
+
+def eval_main() -> None:
+    """robust-eval: evaluate a saved checkpoint."""
+    _main("robust-eval", "evaluate", _eval_app)
+
+
+class CheckOverrides(Callback):
+    """Before any job: refuse groups the command does not use; note which directories a single run creates.
+
+    Hydra appends `+defense=trades` to robust-eval's defaults and `+defence=trades` to the config without
+    complaint; the command would then ignore them silently. This runs before Hydra creates a run dir, so
+    a refused command writes nothing.
+    """
+
+    def __init__(self, prog: str = "robust-train") -> None:
+        self.prog = prog
+
+    def _check(self, config: DictConfig, config_name: str | None) -> None:
+        overrides = list(OmegaConf.select(config, "hydra.overrides.task", default=None) or [])
+        choices = list(OmegaConf.select(config, "hydra.runtime.choices", default=None) or {})
+        try:
+            hydra_ext.check_group_overrides(overrides, self.prog, config_name or "config", choices)
+        except ConfigError as err:
+            _fail(self.prog, str(err))
+
+    @staticmethod
+    def _note_fresh_dirs(config: DictConfig, key: str) -> None:
+        global _fresh_dirs, _fresh_is_sweep
+        _fresh_is_sweep = key == "hydra.sweep.dir"
+        try:
+            _fresh_dirs = _fresh_dirs_for(Path(str(OmegaConf.select(config, key))))
+        except Exception:  # an unresolvable dir fails in Hydra next, with its own message
+            _fresh_dirs = []
+
+    def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        self._check(config, config_name)
+        self._note_fresh_dirs(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        self._check(config, config_name)
+        self._note_fresh_dirs(config, "hydra.sweep.dir")
 
 
 class SweepSummary(Callback):

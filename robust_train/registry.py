@@ -11,7 +11,8 @@ schema. A plugin package registers its own classes the same way in its own modul
 module under the entry-point group `robust_train.plugins` (see `load_plugins`), so adding an attack,
 defense or add-on touches one Python file and one YAML outside `robust_train/`.
 
-This module imports nothing from the package, so any layer may import it without a cycle.
+This module imports nothing from the package at import time (the parts are imported by `load_plugins`
+when a name is first looked up), so any layer may import it without a cycle.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ class Registry(Generic[T]):
             )
         return entry
 
+    def peek(self, name: str) -> Entry[T] | None:
+        """The entry named `name` if already registered, without importing any part (import-time use)."""
+        return self._entries.get(name)
+
     def names(self) -> list[str]:
         load_plugins()
         return sorted(self._entries)
@@ -96,8 +101,22 @@ ATTACKS: Registry[Any] = Registry("attack", "attack.name")
 DEFENSES: Registry[Any] = Registry("defense", "defense.name")
 ADDONS: Registry[Any] = Registry("add-on", "addons")
 MODELS: Registry[Any] = Registry("model", "model.name")
+DATASETS: Registry[Any] = Registry("dataset", "dataset.name")
+
+# Hydra config group of each registry's schema defaults (`schema/<group>/<name>`, see store_schema_defaults).
+_GROUPS: dict[str, Registry[Any]] = {
+    "attack": ATTACKS,
+    "defense": DEFENSES,
+    "addons": ADDONS,
+    "model": MODELS,
+    "dataset": DATASETS,
+}
+# Schemas of the config nodes that are not picked from a registry, by their Hydra config path under
+# `schema/` ("trainer", "eval", "logger/wandb"); the modules that define them add them here.
+NODE_SCHEMAS: dict[str, Any] = {}
 
 _loaded = False
+_stored: frozenset[tuple[str, str, int]] = frozenset()
 
 
 def load_plugins() -> None:
@@ -114,6 +133,8 @@ def load_plugins() -> None:
         "robust_train.defenses",
         "robust_train.addons",
         "robust_train.models",
+        "robust_train.data",
+        "robust_train.config",  # the run-level nodes (trainer, eval, logger) in NODE_SCHEMAS
     ):
         importlib.import_module(module)
     for ep in metadata.entry_points(group=PLUGIN_GROUP):
@@ -123,3 +144,32 @@ def load_plugins() -> None:
             raise ConfigError(
                 f"plugin {ep.name!r} ({ep.value}) failed to import: {type(err).__name__}: {err}"
             ) from err
+
+
+def store_schema_defaults() -> None:
+    """Every schema's defaults as a Hydra config: `schema/<group>/<name>` and `schema/<node>`.
+
+    A group's YAML extends them (`defaults: [/schema/model/resnet18@_here_, _self_]`) and lists only
+    the values that differ, so each default is written once, in the schema, while a `key=value`
+    override still finds its key in the composed config (Hydra refuses keys it has not composed).
+    Called on every composition of robust-train's configs (by the search-path plugin); cheap after
+    the first call, and again complete after a plugin registers more parts.
+    """
+    global _stored
+    load_plugins()
+    entries = [(f"schema/{group}", e.name, e.schema) for group, reg in _GROUPS.items() for e in reg]
+    entries += [("schema/" + path.rpartition("/")[0] if "/" in path else "schema",
+                 path.rpartition("/")[2], schema) for path, schema in NODE_SCHEMAS.items()]  # fmt: skip
+    key = frozenset((group, name, id(schema)) for group, name, schema in entries if schema is not None)
+    if key == _stored:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    from robust_train.schema import defaults_node
+
+    store = ConfigStore.instance()
+    for group, name, schema in entries:
+        if schema is not None:
+            registered = None if group == "schema" else name
+            store.store(group=group, name=name, node=defaults_node(schema, registered))
+    _stored = key

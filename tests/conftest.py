@@ -59,7 +59,10 @@ def compose() -> Callable[..., object]:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from robust_train.hydra_ext import install
+
     def _compose(overrides: list[str] | None = None, config_name: str = "config"):
+        install()  # plugins' and users' config folders, schema defaults: as the command line composes
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=overrides or [])

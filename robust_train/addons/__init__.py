@@ -1,41 +1,32 @@
 """Add-on methods (SLIM, SAT, LAD, ISEAT, RWT) plug into the training step through `Addon` hooks.
 
 Select them with `addons=[slim]`, `addons=[sat,lad]`, ...; each add-on's config lives under
-`addons.<name>` (conf/addons/<name>.yaml). Classes are imported lazily by name.
+`addons.<name>` and is validated by the schema registered with its class
+(`robust_train.registry.ADDONS`), so a plugin add-on is selected and checked the same way.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from robust_train.addons.base import Addon, AddonContext
+# The add-on modules register their classes on import.
+from robust_train.addons import iseat, lad, rwt, sat, slim  # noqa: F401
+from robust_train.addons.base import Addon, AddonConfig, AddonContext, addon_config
 from robust_train.errors import ConfigError
+from robust_train.registry import ADDONS, DEFENSES
+from robust_train.schema import check_node
 
-__all__ = ["ADDON_NAMES", "Addon", "AddonContext", "addon_class", "build_addons", "check_addons"]
-
-# name -> "module:Class"
-_REGISTRY = {
-    "slim": "robust_train.addons.slim:SLIM",
-    "sat": "robust_train.addons.sat:SAT",
-    "lad": "robust_train.addons.lad:LAD",
-    "iseat": "robust_train.addons.iseat:ISEAT",
-    "rwt": "robust_train.addons.rwt:RWT",
-}
-ADDON_NAMES = tuple(_REGISTRY)
-
-
-def addon_class(name: str) -> type[Addon]:
-    """The class registered under `name`."""
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"addons contains {name!r}, which is not a known add-on; allowed: {', '.join(ADDON_NAMES)}"
-        )
-    module, cls = _REGISTRY[name].split(":")
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"add-on {name!r} is not available in this version ({err})") from None
+__all__ = [
+    "Addon",
+    "AddonConfig",
+    "AddonContext",
+    "addon_config",
+    "build_addons",
+    "check_addon",
+    "check_addons",
+    "selected",
+    "supported_defenses",
+]
 
 
 def selected(run_cfg: Any) -> list[tuple[str, Any]]:
@@ -46,22 +37,48 @@ def selected(run_cfg: Any) -> list[tuple[str, Any]]:
     return [(str(name), cfg) for name, cfg in node.items() if cfg is not None and cfg.get("enabled", True)]
 
 
+def supported_defenses(cls: type[Addon]) -> list[str]:
+    """The registered base defenses `cls` composes with, in registration order."""
+    if cls.supported_defenses is not None:
+        return list(cls.supported_defenses)
+    return [
+        e.name
+        for e in DEFENSES
+        if not cls.needs_adversarial or getattr(e.cls, "train_branch", "clean") == "adv"
+    ]
+
+
+def check_addon(name: str, node: Any, run_cfg: Any = None) -> list[str]:
+    """Problems of one add-on node: its schema's, then its run-level rules (`check_config`)."""
+    try:
+        entry = ADDONS.get(name, key="addons")
+    except ConfigError as err:
+        return [str(err)]
+    config, problems = check_node(entry.schema, node, f"addons.{name}")
+    # Run-level rules are reported with the node's own problems, so one round trip shows all of them.
+    return problems + entry.cls.check_config(config, run_cfg)
+
+
 def check_addons(run_cfg: Any) -> list[str]:
-    """Problems with the selected add-ons and their combination with the base defense and each other."""
+    """Problems with the selected add-ons' nodes and their combination with the base defense and
+    each other (an empty list: fine)."""
     problems: list[str] = []
     chosen = selected(run_cfg)
     names = [n for n, _ in chosen]
-    defense = run_cfg.defense.get("name")
-    awp = run_cfg.defense.get("awp")
+    defense_node = run_cfg.get("defense") if hasattr(run_cfg, "get") else None
+    defense = defense_node.get("name") if defense_node is not None else None
+    awp = defense_node.get("awp") if defense_node is not None else None
     awp_on = bool(awp and awp.get("enabled"))
     for name, cfg in chosen:
         try:
-            cls = addon_class(name)
+            cls = ADDONS.get(name, key="addons").cls
         except ConfigError as err:
             problems.append(str(err))
             continue
-        if defense not in cls.supported_defenses:
-            allowed = ", ".join(cls.supported_defenses)
+        problems.extend(check_addon(name, cfg, run_cfg))
+        supported = supported_defenses(cls)
+        if defense in DEFENSES and defense not in supported:
+            allowed = ", ".join(supported)
             problems.append(f"addons=[{name}] does not compose with defense={defense}; supported: {allowed}")
         if awp_on and not cls.supports_awp:
             problems.append(
@@ -70,14 +87,17 @@ def check_addons(run_cfg: Any) -> list[str]:
         for other in cls.conflicts_with:
             if other in names:
                 problems.append(f"addons {name} and {other} cannot be combined: both perturb the weights")
-        problems.extend(cls.check_config(cfg, run_cfg))
     return problems
 
 
 def build_addons(run_cfg: Any, ctx_kwargs: dict[str, Any]) -> list[Addon]:
-    """Instantiate the selected add-ons in config order."""
+    """Instantiate the selected add-ons in config order, each from its validated config."""
     chosen = selected(run_cfg)
     if not chosen:
         return []
     ctx = AddonContext(cfg=run_cfg, **ctx_kwargs)
-    return [addon_class(name)(cfg, ctx) for name, cfg in chosen]
+    addons = []
+    for name, cfg in chosen:
+        cls = ADDONS.get(name, key="addons").cls
+        addons.append(cls(addon_config(name, cfg), ctx))
+    return addons

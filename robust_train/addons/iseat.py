@@ -23,21 +23,22 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, BeforeValidator
 from torch import nn
 from torch.func import functional_call
 
-from robust_train.addons.base import Addon, AddonContext
+from robust_train.addons.base import Addon, AddonConfig, AddonContext, divergence_guard
 from robust_train.attacks import ThreatModel
-from robust_train.config import to_float
 from robust_train.defenses.awp import AWP, perturbed_parameter_names
-from robust_train.defenses.base import StepLoss
 from robust_train.defenses.losses import kl_clean_adv
 from robust_train.errors import ConfigError
-from robust_train.training.forwards import CleanReference, StepForwards
+from robust_train.registry import ADDONS
+from robust_train.schema import Integer, Number, to_float
+from robust_train.step_types import CleanReference, StepForwards, StepLoss
 
 WEIGHTINGS = ("linear", "top10", "uniform")
 DISTANCES = ("sql2", "kl")
@@ -48,6 +49,7 @@ __all__ = [
     "CLEAN_POINTS",
     "DISTANCES",
     "ISEAT",
+    "ISEATConfig",
     "PAIRINGS",
     "WEIGHTINGS",
     "batch_ranks",
@@ -125,21 +127,66 @@ def smoothing_term(
     return lam * (w * logit_distance(z, target, distance)).sum() / z.shape[0]
 
 
-# ----------------------------------------------------------------------------- config helpers
+# ----------------------------------------------------------------------------- config
 
 
-def _number_list(value: Any) -> list[Any]:
-    """A scalar or a list-like config value as a plain list."""
-    if isinstance(value, str | int | float | bool) or value is None:
-        return [value]
-    return list(value)
-
-
-def _stage_list(value: Any, key: str) -> list[float]:
-    values = [to_float(v, key) for v in _number_list(value)]
+def _stage_list(value: Any) -> list[float]:
+    """A scalar or a list of non-negative numbers (one per LR stage) as a list of floats."""
+    items = [value] if isinstance(value, str | int | float | bool) or value is None else list(value)
+    try:
+        values = [to_float(v, "stage value") for v in items]
+    except ConfigError:
+        raise ValueError("is not a number or a list of numbers; write e.g. 0.1 or [0, 0.1]") from None
     if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        raise ConfigError(f"{key}={value!r} is out of range: allowed a number >= 0 or a list of them")
+        raise ValueError("is out of range: allowed a number >= 0 or a list of them")
     return values
+
+
+def _known(allowed: tuple[str, ...]) -> AfterValidator:
+    def check(value: Any) -> Any:
+        if value not in allowed:
+            raise ValueError(f"is not known; allowed: {', '.join(allowed)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _top_fraction(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"addons.iseat.top_fraction={value} is out of range: allowed 0 < value <= 1")
+    return value
+
+
+def _epochs(value: Any) -> Any:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("is out of range: allowed an integer >= 0")
+    return value
+
+
+class ISEATConfig(AddonConfig):
+    """`addons.iseat` (docs/methods/iseat.md#presets)."""
+
+    # lambda per LR stage (stage = number of trainer.schedule.milestones <= epoch; a shorter list repeats
+    # its last entry): [0, 0.1] = no regularizer until the first LR decay, 0.1 after.
+    lam: Annotated[list[float], BeforeValidator(_stage_list), divergence_guard(100.0)] = [0.0, 0.1]
+    # gamma per LR stage: relative per-layer radius of nu, ||nu_l|| = gamma * ||theta_l||; 0 = no nu.
+    # 0.007 for CIFAR-10; 0.005 CIFAR-100 / TinyImageNet / extra data; 0.009 SVHN.
+    gamma: Annotated[list[float], BeforeValidator(_stage_list), divergence_guard(1.0)] = [0.007]
+    # linear (Eq. 14) | top10 (1 for the top_fraction most vulnerable, else 0) | uniform.
+    weighting: Annotated[str, _known(WEIGHTINGS)] = "linear"
+    # Share of the batch weighted 1 by weighting=top10, in (0, 1].
+    top_fraction: Annotated[Number, AfterValidator(_top_fraction)] = 0.1
+    # sql2 (sum of squared logit differences, Eq. 9) | kl (KL(p(x; theta) || p(x'; theta+nu))).
+    distance: Annotated[str, _known(DISTANCES)] = "sql2"
+    # lsiw f(x';theta+nu) vs f(x;theta) | lsi f(x';theta) vs f(x;theta) | trades_awp (Table 9).
+    pairing: Annotated[str, _known(PAIRINGS)] = "lsiw"
+    # Where f(x; theta) is taken: input (x) | attack_start (the released code under a random start).
+    clean_point: Annotated[str, _known(CLEAN_POINTS)] = "input"
+    # Epsilon warm start (SVHN, the code's `-ws`): eps and step x t/W for epochs t < W, no regularizer
+    # and no nu there; 0 = off.
+    warm_start_epochs: Annotated[Integer, BeforeValidator(_epochs)] = 0
 
 
 def _milestones(run_cfg: Any) -> list[float]:
@@ -162,26 +209,28 @@ class _References:
 # ----------------------------------------------------------------------------- the add-on
 
 
+@ADDONS.register("iseat", schema=ISEATConfig)
 class ISEAT(Addon):
     """AWP-style per-layer weight perturbation plus the rank-weighted logit-smoothing regularizer."""
 
     name = "iseat"
     # Needs an adversarial batch, so not the clean-only 'standard' defense.
-    supported_defenses = ("pgd_at", "trades", "mart")
+    needs_adversarial = True
     # It brings its own weight perturbation: a second one (the base defense's AWP) would fight it.
     supports_awp = False
     conflicts_with: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any, ctx: AddonContext) -> None:
         super().__init__(cfg, ctx)
-        self.lam = _stage_list(cfg.get("lam", [0.0, 0.1]), "addons.iseat.lam")
-        self.gamma = _stage_list(cfg.get("gamma", [0.007]), "addons.iseat.gamma")
-        self.weighting = str(cfg.get("weighting", "linear"))
-        self.distance = str(cfg.get("distance", "sql2"))
-        self.pairing = str(cfg.get("pairing", "lsiw"))
-        self.top_fraction = to_float(cfg.get("top_fraction", 0.1), "addons.iseat.top_fraction")
-        self.clean_point = str(cfg.get("clean_point", "input"))
-        self.warm_start_epochs = int(cfg.get("warm_start_epochs", 0) or 0)
+        cfg = self.cfg
+        self.lam = list(cfg.lam)
+        self.gamma = list(cfg.gamma)
+        self.weighting = cfg.weighting
+        self.distance = cfg.distance
+        self.pairing = cfg.pairing
+        self.top_fraction = cfg.top_fraction
+        self.clean_point = cfg.clean_point
+        self.warm_start_epochs = cfg.warm_start_epochs
         self.milestones = _milestones(ctx.cfg)
         # The project's AWP component computes nu (proxy, per-layer norm) and restores it after the step;
         # its gamma is set per epoch from the stage list.
@@ -198,32 +247,9 @@ class ISEAT(Addon):
     @classmethod
     def check_config(cls, cfg: Any, run_cfg: Any) -> list[str]:
         problems: list[str] = []
-        lists: dict[str, list[float]] = {}
-        for key, default in (("lam", [0.0, 0.1]), ("gamma", [0.007])):
-            try:
-                lists[key] = _stage_list(cfg.get(key, default), f"addons.iseat.{key}")
-            except ConfigError as err:
-                problems.append(str(err))
-        for key, allowed, default in (
-            ("weighting", WEIGHTINGS, "linear"),
-            ("distance", DISTANCES, "sql2"),
-            ("pairing", PAIRINGS, "lsiw"),
-            ("clean_point", CLEAN_POINTS, "input"),
-        ):
-            value = cfg.get(key, default)
-            if value not in allowed:
-                problems.append(f"addons.iseat.{key}={value!r} is not known; allowed: {', '.join(allowed)}")
-        try:
-            frac = to_float(cfg.get("top_fraction", 0.1), "addons.iseat.top_fraction")
-            if not 0.0 < frac <= 1.0:
-                problems.append(f"addons.iseat.top_fraction={frac} is out of range: allowed 0 < value <= 1")
-        except ConfigError as err:
-            problems.append(str(err))
-        ws = cfg.get("warm_start_epochs", 0)
-        if ws is not None and (isinstance(ws, bool) or not isinstance(ws, int) or ws < 0):
-            problems.append(f"addons.iseat.warm_start_epochs={ws!r} is out of range: allowed an integer >= 0")
-        if not _milestones(run_cfg):
-            for key, values in lists.items():
+        if cfg is not None and not _milestones(run_cfg):
+            for key in ("lam", "gamma"):
+                values = list(getattr(cfg, key))
                 if len(values) > 1:
                     problems.append(
                         f"addons.iseat.{key}={values} is a per-LR-stage list, but trainer.schedule has no "
@@ -260,7 +286,8 @@ class ISEAT(Addon):
     @contextmanager
     def attack_context(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Iterator[None]:
         self._x_start = None
-        attack = self.ctx.defense.attack
+        # Any: the eps ramp swaps attributes of threat-model attacks (PGD/FGSM), checked just below.
+        attack: Any = self.ctx.defense.attack
         if self.ramp >= 1.0 or attack is None or not hasattr(attack, "step_size"):
             yield
             return
@@ -330,13 +357,13 @@ class ISEAT(Addon):
             # nu from the base outer loss on the proxy (PGD-AT: mean CE(x'),
             # docs/methods/iseat.md#weight-perturbation; TRADES/MART:
             # their own loss, docs/methods/iseat.md#composition; applied for the outer step, then removed.
-            with self.awp.weight_perturbation(model, base_loss):
+            with self.awp.perturb(model, base_loss):
                 yield
         finally:
             self._ref = None
             self._x_start = None
 
-    def outer_loss(self, out: StepForwards, base: StepLoss) -> dict[str, torch.Tensor]:
+    def outer_loss(self, out: StepForwards, base: StepLoss) -> dict[str, Any]:
         ref = self._ref
         if ref is None:
             return {}

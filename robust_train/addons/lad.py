@@ -5,10 +5,20 @@ Each training step, on top of the base defense:
 1. a recording pass of the plain network on the base method's training input stores a_n = dL/dx_n at
    every residual-block boundary (activation gradients only, BN running statistics untouched);
 2. a LAD pass adds eta * a_{n+1} after block n (Lie-Trotter, `scheme: lt`), or (eta/2) a_n before and
-   (eta/4)(a_n + a_{n+1}) after block n (Strang-Marchuk, `scheme: sm`); its CE replaces the base method's
-   CE term (docs/methods/lad.md#composition): natural CE(f(x)) and PGD-AT CE(f(x')) become CE(f_LAD(.));
-   TRADES mixes
+   (eta/4)(a_n + a_{n+1}) after block n (Strang-Marchuk, `scheme: sm`); its output replaces the base
+   method's supervised term (docs/methods/lad.md#composition), re-evaluated with that term's own function
+   (`Term.fn`): natural CE(f(x)) and PGD-AT CE(f(x')) become CE(f_LAD(.)); TRADES mixes
    gamma * CE(f(x)) + (1 - gamma) * CE(f_LAD(x')); MART's boosted CE is computed on f_LAD(x').
+
+How the LAD pass enters the loss follows from what the base defense declares, never from its name:
+its training input (`train_branch`), the branch its label term reads (`label_branch`) and every branch
+its outer loss reads (`outer_branches`):
+- in place (standard, PGD-AT): the training branch's forward feeds the label term only, so that shared
+  forward itself becomes the LAD pass;
+- replace (MART): the label term reads the training branch, which other terms read too: the label term
+  is removed (`Reweight("label", -1)`) and re-evaluated on an extra LAD forward;
+- mix (TRADES): the label term reads another branch (clean): its weight becomes `trades_gamma` and
+  (1 - trades_gamma) x the label function of the LAD forward of the training input is added.
 
 The adversarial example is crafted on the plain network, and AWP's search for its weight perturbation
 uses the plain network; recording and LAD passes run at the weights being trained (w + v under AWP).
@@ -29,20 +39,17 @@ returns a model that predicts the mean logits of `noise.eval_samples` noisy forw
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, BeforeValidator, Field
 from torch import nn
 
-from robust_train.addons.base import Addon, AddonContext
+from robust_train.addons.base import Addon, AddonConfig, AddonContext, divergence_guard
 from robust_train.addons.lad_ops import (
-    NOISE_SCALE_MODES,
-    SCHEMES,
     Adjoints,
     NoisyEnsemble,
     SiteNoise,
@@ -52,161 +59,129 @@ from robust_train.addons.lad_ops import (
     residual_block_names,
     site_modules,
 )
-from robust_train.config import to_float
-from robust_train.defenses.base import StepLoss
-from robust_train.defenses.losses import mart_loss
-from robust_train.errors import ConfigError
-from robust_train.training.forwards import StepForwards
+from robust_train.registry import ADDONS
+from robust_train.schema import Flag, Integer, Number, Schema
+from robust_train.step_types import LABEL, Reweight, StepForwards, StepLoss
 
 KEY = "addons.lad"
-REDUCTIONS = ("mean", "sum")
 SITES_ALL = "residual_blocks"
 # Offsets of the noise generators' seeds from the run seed (distinct from the data generator's offset).
 NOISE_SEED_OFFSET = 4_000_037
 EVAL_NOISE_SEED_OFFSET = 4_000_049
-# The branch whose shared forward becomes the LAD pass; TRADES and MART get an extra LAD forward instead.
-IN_PLACE_BRANCH = {"standard": "clean", "pgd_at": "adv"}
 
 
-def _get(node: Any, key: str, default: Any = None) -> Any:
-    return node.get(key, default) if node is not None and hasattr(node, "get") else default
+def _at_least(lo: int) -> AfterValidator:
+    def check(value: int) -> int:
+        if value < lo:
+            raise ValueError(f"must be an integer >= {lo}")
+        return value
+
+    return AfterValidator(check)
 
 
-def _number(
-    problems: list[str], node: Any, key: str, default: Any, lo: float, hi: float | None = None
-) -> float | None:
-    full = f"{KEY}.{key}"
-    value = _get(node, key.split(".")[-1], default)
-    allowed = f"allowed {lo:g} <= value" + (f" <= {hi:g}" if hi is not None else "")
-    try:
-        x = to_float(value, full)
-    except ConfigError as err:
-        problems.append(str(err))
-        return None
-    if not math.isfinite(x) or x < lo or (hi is not None and x > hi):
-        problems.append(f"{full}={value!r} is out of range: {allowed}")
-        return None
-    return x
+def _one_iteration(value: Any) -> Any:
+    if value != 1 or isinstance(value, bool):
+        raise ValueError("is not supported; allowed: 1 (the seed's single ascent step)")
+    return value
 
 
-def _integer(problems: list[str], node: Any, key: str, default: int, lo: int) -> None:
-    full = f"{KEY}.{key}"
-    value = _get(node, key.split(".")[-1], default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        problems.append(f"{full}={value!r} must be an integer >= {lo}")
+def _sites(value: Any) -> Any:
+    if value == SITES_ALL:
+        return value
+    ok = isinstance(value, list | tuple) and len(value) > 0 and all(isinstance(s, str) and s for s in value)
+    if not ok:
+        raise ValueError(
+            f"is not allowed; write {SITES_ALL} or a non-empty list of residual-block layer names "
+            "(e.g. [layer1.0, layer2.0])"
+        )
+    return list(dict.fromkeys(value))
 
 
-def _choice(problems: list[str], node: Any, key: str, default: str, allowed: tuple[str, ...]) -> None:
-    value = _get(node, key.split(".")[-1], default)
-    if value not in allowed:
-        problems.append(f"{KEY}.{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+class LADNoiseConfig(Schema):
+    """`addons.lad.noise`: the stochastic variant (docs/methods/lad.md#noise)."""
+
+    enabled: Flag = False
+    # Std of the Gaussian noise at every site in every training forward (seed N(0, 0.01) read as variance).
+    std: Annotated[Number, Field(ge=0)] = 0.1
+    # absolute | relative (std x std of the block output, as in EnResNet's code).
+    scale_mode: Literal["absolute", "relative"] = "absolute"
+    # Evaluation predicts the mean logits of this many noisy forwards.
+    eval_samples: Annotated[Integer, _at_least(1)] = 100
+    # Noisy forwards averaged when an evaluation attack takes an input gradient.
+    attack_samples: Annotated[Integer, _at_least(1)] = 1
 
 
-def _flag(problems: list[str], node: Any, key: str, default: bool) -> None:
-    value = _get(node, key.split(".")[-1], default)
-    if not isinstance(value, bool):
-        problems.append(f"{KEY}.{key}={value!r} must be true or false")
+class LADConfig(AddonConfig):
+    """`addons.lad` (docs/methods/lad.md#presets). eta = 0 with the noise off is the base method."""
+
+    # lt = LAD (Lie-Trotter) | sm = LAD-SM (Strang-Marchuk, also perturbs the block-0 input).
+    scheme: Literal["lt", "sm"] = "lt"
+    # Gradient scale; seed: 50 on CIFAR-10, 1000 on CIFAR-100 (re-tune for other backbones).
+    eta: Annotated[Number, Field(ge=0), divergence_guard(1.0e5)] = 50.0
+    # Ascent steps M on the hidden states; only 1 (the seed's value) is supported.
+    iters: Annotated[Any, BeforeValidator(_one_iteration)] = 1
+    # residual_blocks (the model's block_layers) or a list of block layer names.
+    sites: Annotated[str | list[str], BeforeValidator(_sites)] = SITES_ALL
+    # mean | sum: reduction of the recording CE; sum uses eta / batch (the same step).
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    # true lets the recording pass update BN running statistics.
+    record_updates_bn_stats: Flag = False
+    # When the base's label term reads another branch than its training input (TRADES):
+    # gamma * label term + (1 - gamma) * its function on f_LAD(x'); 1 = the base method.
+    trades_gamma: Annotated[Number, Field(ge=0, le=1)] = 0.5
+    # Keep ||block-0 output|| / ||dL/dx_0|| per epoch (seed Fig. 2; in the add-on state).
+    log_ratio: Flag = True
+    # Epochs trained with eta = 0 before LAD switches on, then a linear ramp over eta_ramp_epochs.
+    eta_warmup_epochs: Annotated[Integer, _at_least(0)] = 0
+    eta_ramp_epochs: Annotated[Integer, _at_least(0)] = 0
+    noise: LADNoiseConfig = Field(default_factory=LADNoiseConfig)
 
 
-@dataclass
-class _Armed:
-    """The step in progress: the model being trained and its labels (set by `weight_perturbation`)."""
-
-    model: nn.Module
-    y: torch.Tensor
-
-
+@ADDONS.register("lad", schema=LADConfig)
 class LAD(Addon):
     """Layer-wise adversarial defense: gradient-ascent perturbations of every residual-block state."""
 
     name = "lad"
-    supported_defenses = ("standard", "pgd_at", "trades", "mart")
     # docs/methods/lad.md#composition: recording and LAD passes at w + v, v searched on the plain network
     supports_awp = True
     conflicts_with: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any, ctx: AddonContext) -> None:
         super().__init__(cfg, ctx)
-        problems = self.check_config(cfg, ctx.cfg)
-        if problems:
-            raise ConfigError("; ".join(problems))
-        self.defense_name = str(getattr(ctx.defense, "name", ""))
-        if self.defense_name not in self.supported_defenses:
-            raise ConfigError(
-                f"addons=[lad] does not compose with defense={self.defense_name}; "
-                f"supported: {', '.join(self.supported_defenses)}"
-            )
-        self.scheme = str(_get(cfg, "scheme", "lt"))
-        self.eta = to_float(_get(cfg, "eta", 50.0), f"{KEY}.eta")
-        self.loss_reduction = str(_get(cfg, "loss_reduction", "mean"))
-        self.record_updates_bn_stats = bool(_get(cfg, "record_updates_bn_stats", False))
-        self.trades_gamma = to_float(_get(cfg, "trades_gamma", 0.5), f"{KEY}.trades_gamma")
-        self.log_ratio = bool(_get(cfg, "log_ratio", True))
-        self.eta_warmup_epochs = int(_get(cfg, "eta_warmup_epochs", 0))
-        self.eta_ramp_epochs = int(_get(cfg, "eta_ramp_epochs", 0))
-        self.mart_beta = float(getattr(ctx.defense, "beta", 6.0))
+        cfg = self.cfg
+        defense = ctx.defense
+        # docs/methods/lad.md#composition, from the base's declarations (see the module docstring).
+        self.train_branch = str(defense.train_branch)
+        self.label_branch = str(defense.label_branch)
+        self.in_place = tuple(defense.outer_branches) == (self.train_branch,) and (
+            self.label_branch == self.train_branch
+        )
+        self.scheme = cfg.scheme
+        self.eta = cfg.eta
+        self.loss_reduction = cfg.loss_reduction
+        self.record_updates_bn_stats = cfg.record_updates_bn_stats
+        self.trades_gamma = cfg.trades_gamma
+        self.log_ratio = cfg.log_ratio
+        self.eta_warmup_epochs = cfg.eta_warmup_epochs
+        self.eta_ramp_epochs = cfg.eta_ramp_epochs
 
-        sites = _get(cfg, "sites", SITES_ALL)
-        if sites == SITES_ALL:
+        if cfg.sites == SITES_ALL:
             self.site_names = residual_block_names(ctx.model)
         else:
-            self.site_names = list(dict.fromkeys(str(s) for s in sites))
+            self.site_names = list(cfg.sites)
         site_modules(ctx.model, self.site_names)  # unknown names fail here, at build time
 
-        noise = _get(cfg, "noise")
+        noise = cfg.noise
         self.noise: SiteNoise | None = None
-        self.noise_eval_samples = int(_get(noise, "eval_samples", 100))
-        self.noise_attack_samples = int(_get(noise, "attack_samples", 1))
-        if bool(_get(noise, "enabled", False)):
-            self.noise = SiteNoise(
-                to_float(_get(noise, "std", 0.1), f"{KEY}.noise.std"),
-                str(_get(noise, "scale_mode", "absolute")),
-                int(ctx.seed) + NOISE_SEED_OFFSET,
-            )
+        self.noise_eval_samples = noise.eval_samples
+        self.noise_attack_samples = noise.attack_samples
+        if noise.enabled:
+            self.noise = SiteNoise(noise.std, noise.scale_mode, int(ctx.seed) + NOISE_SEED_OFFSET)
 
         self.epoch = 0
         self.eta_now = self.eta_at(0)
-        self._armed: _Armed | None = None
-        self._tap: StateTap | None = None
         self.ratio_history: list[dict[str, float]] = []
         self._reset_ratio()
-
-    # ----------------------------------------------------------------- config
-    @classmethod
-    def check_config(cls, cfg: Any, run_cfg: Any) -> list[str]:
-        p: list[str] = []
-        _choice(p, cfg, "scheme", "lt", SCHEMES)
-        _number(p, cfg, "eta", 50.0, lo=0.0)
-        iters = _get(cfg, "iters", 1)
-        if iters != 1 or isinstance(iters, bool):
-            p.append(f"{KEY}.iters={iters!r} is not supported; allowed: 1 (the seed's single ascent step)")
-        sites = _get(cfg, "sites", SITES_ALL)
-        if sites != SITES_ALL:
-            ok = (
-                not isinstance(sites, str)
-                and hasattr(sites, "__iter__")
-                and len(list(sites)) > 0
-                and all(isinstance(s, str) and s for s in sites)
-            )
-            if not ok:
-                p.append(
-                    f"{KEY}.sites={sites!r} is not allowed; write {SITES_ALL} or a non-empty list of "
-                    "residual-block layer names (e.g. [layer1.0, layer2.0])"
-                )
-        _choice(p, cfg, "loss_reduction", "mean", REDUCTIONS)
-        _flag(p, cfg, "record_updates_bn_stats", False)
-        _number(p, cfg, "trades_gamma", 0.5, lo=0.0, hi=1.0)
-        _flag(p, cfg, "log_ratio", True)
-        _integer(p, cfg, "eta_warmup_epochs", 0, lo=0)
-        _integer(p, cfg, "eta_ramp_epochs", 0, lo=0)
-        noise = _get(cfg, "noise")
-        if noise is not None:
-            _flag(p, noise, "noise.enabled", False)
-            _number(p, noise, "noise.std", 0.1, lo=0.0)
-            _choice(p, noise, "noise.scale_mode", "absolute", NOISE_SCALE_MODES)
-            _integer(p, noise, "noise.eval_samples", 100, lo=1)
-            _integer(p, noise, "noise.attack_samples", 1, lo=1)
-        return p
 
     # ----------------------------------------------------------------- schedule
     def eta_at(self, epoch: int) -> float:
@@ -232,58 +207,45 @@ class LAD(Addon):
         with self.noise.hooks(site_modules(model, self.site_names)):
             yield
 
-    @contextmanager
-    def weight_perturbation(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None, base_loss: Any
-    ) -> Iterator[None]:
-        # No weight change: this stage only marks the outer step (entered after AWP has searched its
-        # perturbation on the plain network), so that forwards of other modules (AWP's proxy) stay plain.
-        self._armed = _Armed(model=model, y=y)
-        try:
-            yield
-        finally:
-            self._armed = None
-            self._tap = None
-
-    def forward_context(self, model: nn.Module, branch: str, x_in: torch.Tensor) -> Any:
-        return self._forward(model, branch, x_in)
+    def forward_context(self, out: StepForwards, branch: str) -> Any:
+        return self._forward(out, branch)
 
     @contextmanager
-    def _forward(self, model: nn.Module, branch: str, x_in: torch.Tensor) -> Iterator[None]:
-        armed = self._armed
-        main = armed is not None and model is armed.model and self.eta_now > 0
+    def _forward(self, out: StepForwards, branch: str) -> Iterator[None]:
+        # Only the outer step's forwards: a perturbation search (AWP's proxy, after which this stage
+        # runs) and forwards outside a step stay plain.
+        main = out.outer_step and self.eta_now > 0
+        model = out.model
         with ExitStack() as stack:
             modules = site_modules(model, self.site_names) if (self.noise is not None or main) else []
             if self.noise is not None:
                 stack.enter_context(self.noise.hooks(modules))
-            if main and armed is not None:
-                if branch == IN_PLACE_BRANCH.get(self.defense_name):
-                    adj = self._record(model, modules, x_in, armed.y)
-                    eta = self._eta_effective(armed.y)
+            if main and branch == self.train_branch:
+                if self.in_place:
+                    adj = self._record(model, modules, out.input(branch), out.y)
+                    eta = self._eta_effective(out.y)
                     stack.enter_context(perturbation_hooks(modules, adj, eta, self.scheme))
-                elif branch == "adv" and self._extra_branch_weight() > 0:
-                    # Keep the plain states of the shared x' forward: it is the recording pass
+                elif self._extra_branch_weight() > 0:
+                    # Keep the plain states of the shared training forward: it is the recording pass
                     # docs/methods/lad.md#recording-pass.
-                    self._tap = stack.enter_context(StateTap(modules, self._tap_inputs()))
+                    out.state[self, "tap"] = stack.enter_context(StateTap(modules, self._tap_inputs()))
             yield
 
-    def outer_loss(self, out: StepForwards, base: StepLoss) -> dict[str, torch.Tensor]:
-        if self.defense_name == "trades":
-            if self.trades_gamma == 1.0 or base.label_term is None:
+    def outer_loss(self, out: StepForwards, base: StepLoss) -> dict[str, torch.Tensor | Reweight]:
+        if self.in_place:
+            return {}
+        label = base.label
+        if self.label_branch != self.train_branch:
+            # Mix: gamma * label + (1 - gamma) * label_fn(f_LAD(x')) in place of the label term.
+            if self.trades_gamma == 1.0 or label is None:
                 return {}
             weight = 1.0 - self.trades_gamma
-            ce_lad = F.cross_entropy(self._lad_adv_logits(out), out.y)
-            # gamma * CE(f(x)) + (1 - gamma) * CE(f_LAD(x')) in place of the base's CE(f(x)).
-            return {
-                "ce_clean_rescale": (self.trades_gamma - 1.0) * base.label_term,
-                "ce_lad": weight * ce_lad,
-            }
-        if self.defense_name == "mart" and base.label_term is not None and self._lad_runs(out):
-            _, bce_lad, _ = mart_loss(
-                out.logits("clean").detach(), self._lad_adv_logits(out), out.y, self.mart_beta
-            )
-            # MART's boosted CE moves from f(x') to f_LAD(x'); the KL term keeps the plain f(x').
-            return {"bce_plain_removed": -base.label_term, "bce_lad": bce_lad}
+            lad = weight * self._label_fn(label)(self._lad_logits(out), out.y)
+            return {"label_scale": Reweight(LABEL, self.trades_gamma - 1.0), "label_lad": lad}
+        if label is not None and self._lad_runs(out):
+            # Replace: the label term moves from the plain forward to f_LAD; other terms keep the plain.
+            lad = self._label_fn(label)(self._lad_logits(out), out.y)
+            return {"label_removed": Reweight(LABEL, -1.0), "label_lad": lad}
         return {}
 
     def wrap_for_eval(self, model: nn.Module) -> nn.Module:
@@ -302,13 +264,22 @@ class LAD(Addon):
         return "first" if self.log_ratio else "none"
 
     def _extra_branch_weight(self) -> float:
-        if self.defense_name == "trades":
-            return 1.0 - self.trades_gamma
-        return 1.0 if self.defense_name == "mart" else 0.0
+        """The weight of the extra LAD forward's term: 0 in place, 1 to replace, 1 - gamma to mix."""
+        if self.in_place:
+            return 0.0
+        return 1.0 if self.label_branch == self.train_branch else 1.0 - self.trades_gamma
+
+    @staticmethod
+    def _label_fn(label: Any) -> Any:
+        if label.fn is None:
+            raise RuntimeError(
+                "addons=[lad] re-evaluates the base defense's label term on its perturbed forward, but "
+                "this defense's label term declares no `fn`"
+            )
+        return label.fn
 
     def _lad_runs(self, out: StepForwards) -> bool:
-        armed = self._armed
-        return self.eta_now > 0 and armed is not None and out.model is armed.model
+        return self.eta_now > 0 and out.outer_step
 
     def _eta_effective(self, y: torch.Tensor) -> float:
         # A sum-reduced recording carries B times the mean's gradients; eta / B gives the same step.
@@ -336,25 +307,27 @@ class LAD(Addon):
         self._observe_ratio(adj, y)
         return adj
 
-    def _lad_adv_logits(self, out: StepForwards) -> torch.Tensor:
-        """f_LAD(x') for TRADES / MART; the shared plain f(x') when LAD is not active in this step."""
-        plain = out.logits("adv")
+    def _lad_logits(self, out: StepForwards) -> torch.Tensor:
+        """f_LAD of the training input (the mix and replace cases); the shared plain forward when LAD is
+        not active in this step."""
+        branch = self.train_branch
+        plain = out.logits(branch)
         if not self._lad_runs(out):
             return plain
         modules = site_modules(out.model, self.site_names)
-        tap, self._tap = self._tap, None
+        tap = out.state.pop((self, "tap"), None)
         if tap is not None and tap.filled:
-            # The shared plain x' forward is the recording forward: only its backward is extra (+1B);
+            # The shared plain forward is the recording forward: only its backward is extra (+1B);
             # the graph is kept for the step's backward.
             adj = tap.adjoints(self._record_loss(plain, out.y), retain_graph=True)
             self._observe_ratio(adj, out.y)
         else:
-            adj = self._record(out.model, modules, out.x_adv, out.y)
+            adj = self._record(out.model, modules, out.input(branch), out.y)
         with ExitStack() as stack:
             if self.noise is not None:
                 stack.enter_context(self.noise.hooks(modules))
             stack.enter_context(perturbation_hooks(modules, adj, self._eta_effective(out.y), self.scheme))
-            return out.model(out.x_adv)  # the LAD branch: +1F (docs/methods/lad.md#cost)
+            return out.model(out.input(branch))  # the LAD branch: +1F (docs/methods/lad.md#cost)
 
     # ----------------------------------------------------------------- eta diagnostic
     # docs/methods/lad.md#eta-ratio

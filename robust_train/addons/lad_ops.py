@@ -115,7 +115,9 @@ class StateTap:
         by_id = {key: g.detach() for key, g in zip(unique, grads)}
         out = [by_id[id(t)] for t in self.out]
         inp = [None if t is None else by_id[id(t)] for t in self.inp]
-        return Adjoints(out=out, inp=inp, first_output=self.out[0].detach())
+        first = self.out[0]
+        assert first is not None  # `filled`
+        return Adjoints(out=out, inp=inp, first_output=first.detach())
 
 
 @contextmanager
@@ -152,7 +154,9 @@ def perturbation_hooks(
         return hook
 
     def pre(n: int) -> Any:
-        delta = (0.5 * eta) * adj.inp[n]
+        a_in = adj.inp[n]
+        assert a_in is not None  # checked above for the sm scheme, the only one with pre-steps
+        delta = (0.5 * eta) * a_in
 
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             return (args[0] + delta, *args[1:])

@@ -11,42 +11,40 @@ Two parts, each in its own stage of the step (DESIGN.md §5):
   final linear weight are computed in closed form from the logits and the final layer's input,
   r_j = mean_b (p_bj - [y_b = j]) * sum_i h_bi; the gaps |r_nat| - |r_adv| and r_adv^2 - r_nat^2 become soft
   targets T(.)[y] (an adaptive label smoothing) fitted with KL terms, and the base's label term is
-  scaled by (1 - eta) (returned as the term -eta * label_term).
+  scaled by (1 - eta) (declared as `Reweight("label", -eta)`, which adds -eta * label term).
 
 The final layer's input is read by a forward pre-hook installed through `forward_context`, i.e. during
-the step's shared outer forwards: no extra forward for TRADES, MART and their AWP variants. PGD-AT has
-no clean forward of its own; RWT asks `StepForwards` for it (+1 forward, docs/methods/rwt.md#cost).
+the step's shared outer forwards, and handed to the outer loss in that forwards object's `state`: no
+extra forward for TRADES, MART and their AWP variants. PGD-AT has no clean forward of its own; RWT asks
+`StepForwards` for it (+1 forward, docs/methods/rwt.md#cost).
 """
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Annotated, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import BeforeValidator, Field, model_validator
 from torch import nn
 from torch.func import functional_call
 
-from robust_train.addons.base import Addon, AddonContext
-from robust_train.config import to_float
-from robust_train.defenses.base import StepLoss
+from robust_train.addons.base import Addon, AddonConfig, AddonContext, divergence_guard
+from robust_train.defenses.awp import offset_weights
 from robust_train.defenses.losses import kl_clean_adv
 from robust_train.errors import ConfigError
 from robust_train.models.features import resolve_layer
-from robust_train.training.forwards import StepForwards
+from robust_train.registry import ADDONS
+from robust_train.schema import Flag, Integer, Number, to_float
+from robust_train.step_types import LABEL, Reweight, StepForwards, StepLoss
 
 NOISE_SCOPES = ("conv", "all_weights", "none")
 SECOND_TARGETS = ("reference", "symmetric")
 IMPLS = ("efficient", "reference")
 VARIANTS = ("surrogate", "fd_literal")
-CONFIG_KEYS = (
-    "enabled", "order", "eta", "second_coef", "scale_base_ce", "noise_std", "noise_scope", "noise_in_attack",
-    "offlabel_mass", "second_target", "final_layer", "impl", "variant",
-)  # fmt: skip
 # Offset of the noise generator's seed from the run seed: its draws never shift the data order,
 # the attack starts or any other add-on's stream.
 NOISE_SEED_OFFSET = 4_000_037
@@ -161,39 +159,82 @@ def noise_parameter_names(model: nn.Module, scope: str) -> list[str]:
     ]
 
 
-# --------------------------------------------------------------------------- config checks
-def _number(
-    cfg: Any, key: str, lo: float | None, hi: float | None = None, integer: bool = False
-) -> tuple[float | None, str | None]:
-    full = f"addons.rwt.{key}"
-    value = cfg.get(key)
-    rng = f"{'' if lo is None else f'{lo:g} <= '}value{'' if hi is None else f' <= {hi:g}'}"
+# --------------------------------------------------------------------------- config
+def _offlabel_mass(value: Any) -> Any:
+    if value == "auto":
+        return value
     try:
-        x = to_float(value, full)
-    except ConfigError as err:
-        return None, str(err)
-    if not math.isfinite(x) or (integer and x != int(x)):
-        kind = "an integer" if integer else "finite"
-        return None, f"{full}={value!r} must be {kind} ({rng})"
-    if (lo is not None and x < lo) or (hi is not None and x > hi):
-        return None, f"{full}={value!r} is out of range: allowed {rng}"
-    return x, None
+        x = to_float(value, "offlabel_mass")
+    except ConfigError:
+        raise ValueError("is not a number; write e.g. 0.8 or auto (= 1 - 2/num_classes)") from None
+    if not 0.0 <= x <= 1.0:
+        raise ValueError("is out of range: allowed 0 <= value <= 1 (or auto = 1 - 2/num_classes)")
+    return x
 
 
-def _choice(cfg: Any, key: str, allowed: tuple[str, ...]) -> str | None:
-    value = cfg.get(key)
-    if value not in allowed:
-        return f"addons.rwt.{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}"
-    return None
+def _layer_name(value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be auto or a module name such as fc")
+    return value
+
+
+class RWTConfig(AddonConfig):
+    """`addons.rwt` (docs/methods/rwt.md#presets)."""
+
+    # Taylor order: 0 = the base method only (no outer terms), 1 = + first-order term, 2 = + both.
+    order: Annotated[Integer, Field(ge=0, le=2)] = 2
+    # Weight of the first-order term (and, times second_coef, of the second); 0 = the base method.
+    # Paper's best: 0.2 for order 2, 0.3 for order 1.
+    eta: Annotated[Number, Field(ge=0, le=1)] = 0.2
+    # Second-order weight = second_coef * eta (0.5 as in the WRN/AWP scripts; 0.2 in train_res18_our.py).
+    second_coef: Annotated[Number, Field(ge=0), divergence_guard(100.0)] = 0.5
+    # Scale the base method's label term by (1 - eta), as the released code does for TRADES.
+    scale_base_ce: Flag = True
+    # Std of the attack-time weight noise u (one draw per minibatch, RWT's own generator); the paper
+    # quotes 0.01 ("variance"), the code uses 1e-4. 0 disables the noise and its draw.
+    noise_std: Annotated[Number, Field(ge=0), divergence_guard(1.0)] = 1e-4
+    # conv = every nn.Conv2d kernel (incl. 1x1 shortcuts) | all_weights (ndim > 1) | none.
+    noise_scope: Literal["conv", "all_weights", "none"] = "conv"
+    # Apply u while the training attack runs (the only place the paper uses it).
+    noise_in_attack: Flag = True
+    # Off-label mass c of the soft targets: auto = 1 - 2/C (the code's 0.8 / 0.98), or a number in [0, 1].
+    offlabel_mass: Annotated[float | str, BeforeValidator(_offlabel_mass)] = "auto"
+    # Second-order target pairing: reference (released code) | symmetric (Eq. 19).
+    second_target: Literal["reference", "symmetric"] = "reference"
+    # The final linear layer whose weight gradient drives the targets: auto (the model's fc) or a name.
+    final_layer: Annotated[str, BeforeValidator(_layer_name)] = "auto"
+    # efficient (closed-form row sums from the shared forwards) | reference (the authors' route).
+    impl: Literal["efficient", "reference"] = "efficient"
+    # surrogate (the released code's terms) | fd_literal (central differences along u, +4 forwards).
+    variant: Literal["surrogate", "fd_literal"] = "surrogate"
+
+    @model_validator(mode="after")
+    def _fd_literal_needs_noise(self) -> RWTConfig:
+        problems = []
+        if self.variant == "fd_literal":
+            if self.impl == "reference":
+                problems.append(
+                    "addons.rwt.impl=reference applies to variant=surrogate only; "
+                    "use impl=efficient with variant=fd_literal"
+                )
+            if self.noise_std == 0 or self.noise_scope == "none":
+                problems.append(
+                    "addons.rwt.variant=fd_literal differentiates along the drawn u: it needs "
+                    "addons.rwt.noise_std > 0 and addons.rwt.noise_scope in (conv, all_weights)"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 # --------------------------------------------------------------------------- the add-on
+@ADDONS.register("rwt", schema=RWTConfig)
 class RWT(Addon):
     """Gaussian weight noise in the attack plus the Taylor surrogate terms in the outer loss."""
 
     name = "rwt"
     # Standard training crafts no x_adv: there is neither an attack to randomize nor an adversarial gap.
-    supported_defenses = ("pgd_at", "trades", "mart")
+    needs_adversarial = True
     # The noise lives only inside the attack, so it never meets another weight perturbation (AWP's v
     # is applied after the attack; RWT's targets are then taken at w + v, docs/methods/rwt.md#composition).
     supports_awp = True
@@ -201,76 +242,26 @@ class RWT(Addon):
 
     def __init__(self, cfg: Any, ctx: AddonContext) -> None:
         super().__init__(cfg, ctx)
-        self.order = int(cfg.get("order", 2))
-        self.eta = to_float(cfg.get("eta", 0.2), "addons.rwt.eta")
-        self.second_coef = to_float(cfg.get("second_coef", 0.5), "addons.rwt.second_coef")
-        self.scale_base_ce = bool(cfg.get("scale_base_ce", True))
-        self.noise_std = to_float(cfg.get("noise_std", 1e-4), "addons.rwt.noise_std")
-        self.noise_scope = str(cfg.get("noise_scope", "conv"))
-        self.noise_in_attack = bool(cfg.get("noise_in_attack", True))
-        self.c = offlabel_mass(cfg.get("offlabel_mass", "auto"), int(ctx.num_classes))
-        self.second_target = str(cfg.get("second_target", "reference"))
-        self.impl = str(cfg.get("impl", "efficient"))
-        self.variant = str(cfg.get("variant", "surrogate"))
+        cfg = self.cfg
+        self.order = cfg.order
+        self.eta = cfg.eta
+        self.second_coef = cfg.second_coef
+        self.scale_base_ce = cfg.scale_base_ce
+        self.noise_std = cfg.noise_std
+        self.noise_scope = cfg.noise_scope
+        self.noise_in_attack = cfg.noise_in_attack
+        self.c = offlabel_mass(cfg.offlabel_mass, int(ctx.num_classes))
+        self.second_target = cfg.second_target
+        self.impl = cfg.impl
+        self.variant = cfg.variant
         # Resolved now so that a wrong name fails at build time, naming the known layers.
-        self.final_layer = final_linear_name(ctx.model, str(cfg.get("final_layer", "auto")))
+        self.final_layer = final_linear_name(ctx.model, cfg.final_layer)
         self.generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
-        # Final-layer inputs of this step's outer forwards: (id(model), branch) -> h (detached).
-        self._h: dict[tuple[int, str], torch.Tensor] = {}
         # This minibatch's draw u (name -> tensor), kept only when the fd_literal variant needs it.
         self._u: dict[str, torch.Tensor] = {}
         # model -> its noise-scope parameter names (computed once per model, not per step).
         self._noise_names: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
-
-    # ----------------------------------------------------------------- config
-    @classmethod
-    def check_config(cls, cfg: Any, run_cfg: Any) -> list[str]:
-        problems: list[str] = []
-        unknown = [str(k) for k in cfg.keys() if str(k) not in CONFIG_KEYS]
-        if unknown:
-            allowed = ", ".join(k for k in CONFIG_KEYS if k != "enabled")
-            problems.append(f"addons.rwt has unknown key(s) {', '.join(unknown)}; allowed: {allowed}")
-        checks = [
-            _number(cfg, "order", 0, 2, integer=True),
-            _number(cfg, "eta", 0.0, 1.0),
-            _number(cfg, "second_coef", 0.0),
-            _number(cfg, "noise_std", 0.0),
-        ]
-        problems += [msg for _, msg in checks if msg]
-        for key, allowed in (
-            ("noise_scope", NOISE_SCOPES),
-            ("second_target", SECOND_TARGETS),
-            ("impl", IMPLS),
-            ("variant", VARIANTS),
-        ):
-            msg = _choice(cfg, key, allowed)
-            if msg:
-                problems.append(msg)
-        for key in ("scale_base_ce", "noise_in_attack"):
-            if not isinstance(cfg.get(key), bool):
-                problems.append(f"addons.rwt.{key}={cfg.get(key)!r} must be true or false")
-        mass = cfg.get("offlabel_mass")
-        if mass != "auto":
-            _, msg = _number(cfg, "offlabel_mass", 0.0, 1.0)
-            if msg:
-                problems.append(msg + " (or auto = 1 - 2/num_classes)")
-        layer = cfg.get("final_layer")
-        if not isinstance(layer, str) or not layer:
-            problems.append(f"addons.rwt.final_layer={layer!r} must be auto or a module name such as fc")
-        if cfg.get("variant") == "fd_literal":
-            if cfg.get("impl") == "reference":
-                problems.append(
-                    "addons.rwt.impl=reference applies to variant=surrogate only; "
-                    "use impl=efficient with variant=fd_literal"
-                )
-            std, _ = _number(cfg, "noise_std", 0.0)
-            if std == 0 or cfg.get("noise_scope") == "none":
-                problems.append(
-                    "addons.rwt.variant=fd_literal differentiates along the drawn u: it needs "
-                    "addons.rwt.noise_std > 0 and addons.rwt.noise_scope in (conv, all_weights)"
-                )
-        return problems
 
     # ----------------------------------------------------------------- state
     @property
@@ -328,7 +319,6 @@ class RWT(Addon):
     @contextmanager
     def attack_context(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Iterator[None]:
         """The attack runs on w + u; the exact w is copied back on exit (also on error)."""
-        self._h.clear()
         self._u = {}
         if not self._draws_noise():
             yield
@@ -339,34 +329,24 @@ class RWT(Addon):
         if not self.noise_in_attack:
             yield
             return
-        params = dict(model.named_parameters())
-        # Save and copy back: (w + u) - u is not w in floating point.
-        originals = {n: params[n].detach().clone() for n in u}
-        with torch.no_grad():
-            for n, noise in u.items():
-                params[n].add_(noise)
-        try:
+        # The shared weight-offset mechanism; copy back, since (w + u) - u is not w in floating point.
+        with offset_weights(model, u, keep_update=False):
             yield
-        finally:
-            with torch.no_grad():
-                for n, w in originals.items():
-                    params[n].copy_(w)
 
     # ----------------------------------------------------------------- stage 5: shared forwards
-    def forward_context(self, model: nn.Module, branch: str, x_in: torch.Tensor) -> Any:
+    def forward_context(self, out: StepForwards, branch: str) -> Any:
         """Captures the final linear layer's input during the shared forward of `branch`."""
         if not (self.outer_active and self.variant == "surrogate" and self.impl == "efficient"):
             return nullcontext()
-        return self._capture_final_input(model, branch)
+        return self._capture_final_input(out, branch)
 
     @contextmanager
-    def _capture_final_input(self, model: nn.Module, branch: str) -> Iterator[None]:
-        key = (id(model), branch)
-
+    def _capture_final_input(self, out: StepForwards, branch: str) -> Iterator[None]:
         def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            self._h[key] = inputs[0].detach()
+            # Handed to this step's outer loss through the forwards object (freed with it).
+            out.state[self, "final_input", branch] = inputs[0].detach()
 
-        handle = resolve_layer(model, self.final_layer).register_forward_pre_hook(hook)
+        handle = resolve_layer(out.model, self.final_layer).register_forward_pre_hook(hook)
         try:
             yield
         finally:
@@ -378,19 +358,19 @@ class RWT(Addon):
         if self.impl == "reference":
             # The authors' route: the gradient of the batch-mean CE w.r.t. the final weight, read back
             # and row-summed (two partial backwards through the final layer only).
-            weight = resolve_layer(out.model, self.final_layer).weight
+            weight = cast(torch.Tensor, resolve_layer(out.model, self.final_layer).weight)
             r = []
             for z in (z_nat, z_adv):
                 (g,) = torch.autograd.grad(F.cross_entropy(z, y), weight, retain_graph=True)
                 r.append(g.to(_compute_dtype(g)).sum(1))
             return r[0], r[1]
-        key = id(out.model)
-        if (key, "clean") not in self._h or (key, "adv") not in self._h:
+        keys = [(self, "final_input", branch) for branch in ("clean", "adv")]
+        if not all(k in out.state for k in keys):
             raise RuntimeError(
                 "RWT: the final layer's input was not captured in this step's shared forwards; "
                 "RWT.forward_context must be entered around them (TrainStep does this)"
             )
-        h_nat, h_adv = self._h.pop((key, "clean")), self._h.pop((key, "adv"))
+        h_nat, h_adv = (out.state.pop(k) for k in keys)
         return rowsum_gradient(z_nat.detach(), h_nat, y), rowsum_gradient(z_adv.detach(), h_adv, y)
 
     def _fd_literal_terms(
@@ -415,9 +395,8 @@ class RWT(Addon):
         second = kl_clean_adv(hess["adv"], hess["clean"]).mean()
         return first, second
 
-    def outer_loss(self, out: StepForwards, base: StepLoss) -> dict[str, torch.Tensor]:
-        """-eta * label_term (the (1 - eta) scaling), eta * first and second_coef * eta * second."""
-        self._drop_foreign_captures(out)
+    def outer_loss(self, out: StepForwards, base: StepLoss) -> dict[str, torch.Tensor | Reweight]:
+        """The label term's weight x (1 - eta), then eta * first and second_coef * eta * second."""
         if not self.outer_active:
             return {}
         # TRADES and MART computed both already; for PGD-AT this is RWT's one extra (clean) forward.
@@ -430,18 +409,12 @@ class RWT(Addon):
                 targets = taylor_targets(r_nat.detach(), r_adv.detach(), out.y, self.c, self.second_target)
             first, second = surrogate_terms(z_nat, z_adv, targets)
         self._u = {}
-        terms: dict[str, torch.Tensor] = {}
+        terms: dict[str, torch.Tensor | Reweight] = {}
         if self.scale_base_ce:
-            if base.label_term is None:
-                raise RuntimeError("RWT scales the base's label term, but this defense reports none")
-            terms["label_scale"] = -self.eta * base.label_term
+            if base.label is None:
+                raise RuntimeError("RWT scales the base's label term, but this defense marks none")
+            terms["label_scale"] = Reweight(LABEL, -self.eta)
         terms["first"] = self.eta * first
         if self.order >= 2:
             terms["second"] = self.second_coef * self.eta * second
         return terms
-
-    def _drop_foreign_captures(self, out: StepForwards) -> None:
-        # Inputs captured in the AWP proxy's forwards are of no use: free them before the loss.
-        key = id(out.model)
-        for k in [k for k in self._h if k[0] != key]:
-            del self._h[k]

@@ -25,40 +25,26 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from torch import nn
 
-from robust_train.addons.base import Addon, AddonContext
+from robust_train.addons.base import Addon, AddonConfig, AddonContext, divergence_guard
 from robust_train.attacks import ThreatModel
-from robust_train.config import to_float
 from robust_train.errors import ConfigError
 from robust_train.models.features import resolve_layer
-from robust_train.training.forwards import CleanReference, StepForwards
-
-if TYPE_CHECKING:
-    from robust_train.defenses.base import StepLoss
+from robust_train.registry import ADDONS
+from robust_train.schema import Flag, Integer, Number
+from robust_train.step_types import CleanReference, StepForwards, StepLoss
 
 LAM_SAMPLINGS = ("per_step_batch", "per_batch_fixed", "per_sample_fixed")
 SHIFT_REDUCTIONS = ("batch_frobenius", "per_sample")
 CLUSTER_FORMS = ("code", "paper", "l2dist")
 CLUSTER_INPUTS = ("adv", "clean", "both")
 INITS = ("host", "code_gaussian")
-KEYS = (
-    "enabled",
-    "layers",
-    "init",
-    "lam",
-    "lam_sampling",
-    "shift_reduction",
-    "beta",
-    "cluster_form",
-    "cluster_inputs",
-    "min_class_count",
-    "awp_include_cluster",
-)
 
 # Inside square roots: finite gradients at zero shift / zero variance (docs/methods/sat.md#numerical-guards).
 ROOT_EPS = 1e-12
@@ -176,6 +162,68 @@ def default_taps(model: nn.Module) -> list[str]:
     return last[-2:]
 
 
+def _layers(value: Any) -> Any:
+    if value == "auto":
+        return value
+    if (
+        isinstance(value, str)
+        or not isinstance(value, list | tuple)
+        or len(value) == 0
+        or not all(isinstance(n, str) and n for n in value)
+    ):
+        raise ValueError(
+            "is not allowed: write auto or a non-empty list of layer names, e.g. [layer4.0,layer4.1]"
+        )
+    return list(value)
+
+
+def _no_awp_cluster(value: bool) -> bool:
+    if value:
+        raise ValueError(
+            "addons.sat.awp_include_cluster=true is not supported: the step's AWP ascent sees only the "
+            "base defense's loss; allowed: false"
+        )
+    return value
+
+
+class SATConfig(AddonConfig):
+    """`addons.sat` (docs/methods/sat.md#presets)."""
+
+    # Start of the training attack: host (the host's defense.attack.random_start) or code_gaussian (the
+    # authors' code: x + eps * (2 * N(0, 1) - 1) clipped to [0, 1] but not to the eps-ball; L-inf only,
+    # needs defense.attack.steps >= 1). A config saved before the key existed means host.
+    init: Literal["host", "code_gaussian"] = "host"
+    # Tapped layers (feature shift and L_clu): auto = the last two residual blocks of the last stage,
+    # or a list of names from the model's block_layers / feature_layers.
+    layers: Annotated[str | list[str], BeforeValidator(_layers)] = "auto"
+    # Upper bound of Lambda ~ U(0, lambda) weighting the feature shift in the attack (0 = the host
+    # attack). 0.087 is the code's value for batch_frobenius; ~0.087 * sqrt(batch) with per_sample.
+    lam: Annotated[Number, Field(ge=0), divergence_guard(100.0)] = 0.087
+    # per_step_batch (a new scalar at every attack step, the code) | per_batch_fixed | per_sample_fixed.
+    lam_sampling: Literal["per_step_batch", "per_batch_fixed", "per_sample_fixed"] = "per_step_batch"
+    # batch_frobenius (one Frobenius norm per tap, the code) | per_sample (the paper's Eq. 9).
+    shift_reduction: Literal["batch_frobenius", "per_sample"] = "batch_frobenius"
+    # Weight of the clustering regularizer L_clu in the outer loss (0 = the host loss exactly).
+    beta: Annotated[Number, Field(ge=0), divergence_guard(100.0)] = 0.1
+    # code (L2 norm of the unbiased class variance, frequency-weighted) | paper | l2dist.
+    cluster_form: Literal["code", "paper", "l2dist"] = "code"
+    # Features entering L_clu: adv (the code) | clean | both (clean/both add a clean forward for PGD-AT).
+    cluster_inputs: Literal["adv", "clean", "both"] = "adv"
+    # Classes with fewer samples in the batch are left out of L_clu (a variance needs two).
+    min_class_count: Annotated[Integer, Field(ge=2)] = 2
+    # Include beta*L_clu in the AWP ascent loss (SAT-AWP-AT): only false is supported.
+    awp_include_cluster: Annotated[Flag, AfterValidator(_no_awp_cluster)] = False
+
+    @model_validator(mode="after")
+    def _per_sample_lambda_needs_per_sample_shift(self) -> SATConfig:
+        if self.lam_sampling == "per_sample_fixed" and self.shift_reduction == "batch_frobenius":
+            raise ValueError(
+                "addons.sat.lam_sampling=per_sample_fixed needs addons.sat.shift_reduction=per_sample: "
+                "a batch Frobenius shift has no per-sample term to weight"
+            )
+        return self
+
+
 def _code_gaussian_problems(run_cfg: Any) -> list[str]:
     """`init: code_gaussian` is the code's L-inf start and is only projected by a first attack step."""
     problems: list[str] = []
@@ -198,28 +246,26 @@ def _code_gaussian_problems(run_cfg: Any) -> list[str]:
     return problems
 
 
+@ADDONS.register("sat", schema=SATConfig)
 class SAT(Addon):
     """Generalized inner maximization (host loss - Λ·feature shift) plus beta·L_clu in the outer loss."""
 
     name = "sat"
     # A clean-only defense has no inner maximization and no adversarial features to cluster.
-    supported_defenses = ("pgd_at", "trades", "mart")
+    needs_adversarial = True
     supports_awp = True
 
     def __init__(self, cfg: Any, ctx: AddonContext) -> None:
         super().__init__(cfg, ctx)
-        self.lam = to_float(cfg.get("lam", 0.087), "addons.sat.lam")
-        self.beta = to_float(cfg.get("beta", 0.1), "addons.sat.beta")
-        self.lam_sampling = str(cfg.get("lam_sampling", "per_step_batch"))
-        self.shift_reduction = str(cfg.get("shift_reduction", "batch_frobenius"))
-        self.cluster_form = str(cfg.get("cluster_form", "code"))
-        self.cluster_inputs = str(cfg.get("cluster_inputs", "adv"))
-        self.min_class_count = int(cfg.get("min_class_count", 2))
-        self.init = str(cfg.get("init", "host"))
-        if self.init not in INITS:
-            raise ConfigError(
-                f"addons.sat.init={self.init!r} is not allowed; choose one of: {', '.join(INITS)}"
-            )
+        cfg = self.cfg
+        self.lam = cfg.lam
+        self.beta = cfg.beta
+        self.lam_sampling = cfg.lam_sampling
+        self.shift_reduction = cfg.shift_reduction
+        self.cluster_form = cfg.cluster_form
+        self.cluster_inputs = cfg.cluster_inputs
+        self.min_class_count = cfg.min_class_count
+        self.init = cfg.init
         attack = getattr(ctx.defense, "attack", None)
         if self.init == "code_gaussian" and not isinstance(getattr(attack, "threat", None), ThreatModel):
             raise ConfigError(
@@ -227,8 +273,8 @@ class SAT(Addon):
                 f"model (pgd, cw, fgsm); defense.attack is {type(attack).__name__}"
             )
         self.num_classes = int(ctx.num_classes)
-        layers = cfg.get("layers", "auto")
-        self.layers = default_taps(ctx.model) if layers in (None, "auto") else [str(n) for n in layers]
+        layers = cfg.layers
+        self.layers = default_taps(ctx.model) if layers == "auto" else [str(n) for n in layers]
         for name in self.layers:
             resolve_layer(ctx.model, name)  # ConfigError naming the layer and the known ones
         self.generator = torch.Generator()
@@ -240,62 +286,7 @@ class SAT(Addon):
 
     @classmethod
     def check_config(cls, cfg: Any, run_cfg: Any) -> list[str]:
-        problems: list[str] = []
-        unknown = sorted(set(cfg.keys()) - set(KEYS))
-        if unknown:
-            problems.append(f"addons.sat.{unknown[0]} is not a SAT option; allowed keys: {', '.join(KEYS)}")
-        for key in ("lam", "beta"):
-            try:
-                value = to_float(cfg.get(key), f"addons.sat.{key}")
-            except ConfigError as err:
-                problems.append(str(err))
-                continue
-            if not math.isfinite(value) or value < 0:
-                problems.append(f"addons.sat.{key}={cfg.get(key)!r} is out of range: allowed 0 <= value")
-        for key, allowed in (
-            ("lam_sampling", LAM_SAMPLINGS),
-            ("shift_reduction", SHIFT_REDUCTIONS),
-            ("cluster_form", CLUSTER_FORMS),
-            ("cluster_inputs", CLUSTER_INPUTS),
-        ):
-            if cfg.get(key) not in allowed:
-                problems.append(
-                    f"addons.sat.{key}={cfg.get(key)!r} is not allowed; choose one of: {', '.join(allowed)}"
-                )
-        count = cfg.get("min_class_count")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 2:
-            problems.append(
-                f"addons.sat.min_class_count={count!r} is out of range: allowed integer 2 <= value "
-                "(a class variance needs two samples)"
-            )
-        layers = cfg.get("layers")
-        if layers != "auto" and (
-            isinstance(layers, str)
-            or not hasattr(layers, "__len__")
-            or len(layers) == 0
-            or not all(isinstance(n, str) and n for n in layers)
-        ):
-            problems.append(
-                f"addons.sat.layers={layers!r} is not allowed: write auto or a non-empty list of layer "
-                "names, e.g. [layer4.0,layer4.1]"
-            )
-        if cfg.get("lam_sampling") == "per_sample_fixed" and cfg.get("shift_reduction") == "batch_frobenius":
-            problems.append(
-                "addons.sat.lam_sampling=per_sample_fixed needs addons.sat.shift_reduction=per_sample: "
-                "a batch Frobenius shift has no per-sample term to weight"
-            )
-        # A missing key is the host's start: configs saved before the option existed stay valid.
-        init = cfg.get("init", "host")
-        if init not in INITS:
-            problems.append(f"addons.sat.init={init!r} is not allowed; choose one of: {', '.join(INITS)}")
-        elif init == "code_gaussian":
-            problems.extend(_code_gaussian_problems(run_cfg))
-        if cfg.get("awp_include_cluster"):
-            problems.append(
-                "addons.sat.awp_include_cluster=true is not supported: the step's AWP ascent sees only the "
-                "base defense's loss; allowed: false"
-            )
-        return problems
+        return _code_gaussian_problems(run_cfg) if cfg is not None and cfg.init == "code_gaussian" else []
 
     def required_layers(self) -> list[str]:
         return list(self.layers)
@@ -325,7 +316,8 @@ class SAT(Addon):
         # A new batch: the *_fixed modes draw a fresh Λ for it on first use.
         self._batch_lam = None
         self.drawn = []
-        attack = self.ctx.defense.attack
+        # Any: the start swaps the threat of a threat-model attack (checked when SAT is built).
+        attack: Any = self.ctx.defense.attack
         if self.init != "code_gaussian" or attack is None:
             yield
             return
@@ -368,7 +360,7 @@ class SAT(Addon):
             term = term.expand(x_adv.shape[0])
         return term
 
-    def outer_loss(self, out: StepForwards, base: StepLoss) -> dict[str, torch.Tensor]:
+    def outer_loss(self, out: StepForwards, base: StepLoss) -> dict[str, Any]:
         if self.beta == 0:
             return {}
         branches = {"adv": ["adv"], "clean": ["clean"], "both": ["adv", "clean"]}[self.cluster_inputs]

@@ -4,6 +4,9 @@ Eq. 2).
 Per class c and tapped layer l the centroid is the mean flattened feature of the clean *training* images
 of c (eval mode); a test image's cluster label is the class of the nearest centroid in L2 (argmin: the
 seed's argmax is a typo), and Clu.Acc^l is the fraction of test images whose cluster label is the true one.
+
+The computation is robust_train.metrics, shared with the layer-wise analysis (`analysis=[clustering]`);
+this module keeps SAT's reading of it: fractions in [0, 1], L2, centroids of every training image.
 """
 
 from __future__ import annotations
@@ -11,47 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from robust_train.attacks import attack_mode
-from robust_train.models.features import forward_with_features
+from robust_train.metrics import (
+    class_centroids,
+    clustering_accuracy,
+    clustering_hits,
+    layer_centroids,
+    nearest_centroid,
+)
 
-
-def class_centroids(feats: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C, d) mean of the flattened features of each class; rows of absent classes are NaN."""
-    f = feats.flatten(1).double()
-    onehot = F.one_hot(y, num_classes).double()
-    counts = onehot.sum(0).unsqueeze(1)
-    sums = onehot.t() @ f
-    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
-
-
-def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Cluster label of each row: the class of the nearest centroid in L_p, L2 by default (absent classes
-    never win); p = inf is the norm of Jin et al.'s code."""
-    dist = torch.cdist(feats.flatten(1).double(), torch.nan_to_num(centroids, nan=0.0), p=p)
-    dist = dist.masked_fill(torch.isnan(centroids).any(dim=1).unsqueeze(0), float("inf"))
-    return dist.argmin(dim=1)
-
-
-def clustering_accuracy(feats: torch.Tensor, y: torch.Tensor, centroids: torch.Tensor) -> float:
-    """Fraction of rows whose nearest-centroid label equals y."""
-    return float((nearest_centroid(feats, centroids) == y).double().mean())
-
-
-@torch.no_grad()
-def _features(
-    model: nn.Module, x: torch.Tensor, layers: Sequence[str], batch_size: int
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    chunks: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    preds = []
-    for i in range(0, x.shape[0], batch_size):
-        logits, feats = forward_with_features(model, x[i : i + batch_size], layers, detach=True)
-        preds.append(logits.argmax(1))
-        for n in layers:
-            chunks[n].append(feats[n].flatten(1).double())
-    return {n: torch.cat(c) for n, c in chunks.items()}, torch.cat(preds)
+__all__ = ["class_centroids", "clustering_accuracy", "clustering_accuracy_report", "nearest_centroid"]
 
 
 def clustering_accuracy_report(
@@ -68,9 +41,7 @@ def clustering_accuracy_report(
     Centroids come from the clean training images only; the model runs in eval mode and its modes are
     restored afterwards. `attack(model, x, y)` crafts test perturbations against the classifier output.
     """
-    with attack_mode(model, "eval"):
-        train_feats, _ = _features(model, train[0], layers, batch_size)
-        centroids = {n: class_centroids(train_feats[n], train[1], num_classes) for n in layers}
+    centroids = layer_centroids(model, layers, train[0], train[1], num_classes, batch_size)
     x, y = test
     if attack is not None:
         x = torch.cat(
@@ -79,8 +50,9 @@ def clustering_accuracy_report(
                 for i in range(0, len(x), batch_size)
             ]
         )
-    with attack_mode(model, "eval"):
-        test_feats, preds = _features(model, x, layers, batch_size)
-    report = {n: clustering_accuracy(test_feats[n], y, centroids[n]) for n in layers}
-    report["classifier"] = float((preds == y).double().mean())
+    hits, classifier = clustering_hits(model, layers, centroids, x, y, batch_size=batch_size)
+    n = int(y.shape[0])
+    # An empty test set has no accuracy (NaN, as the mean of no rows), not a division error.
+    report = {name: hits[name] / n if n else float("nan") for name in layers}
+    report["classifier"] = classifier / n if n else float("nan")
     return report

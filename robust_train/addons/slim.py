@@ -24,20 +24,21 @@ Pipeline mapping:
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, cast
 
 import torch
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 from torch import nn
 
-from robust_train.addons.base import Addon, AddonContext
-from robust_train.config import to_float
+from robust_train.addons.base import Addon, AddonConfig, AddonContext, divergence_guard
 from robust_train.errors import ConfigError
 from robust_train.models.features import resolve_layer
-from robust_train.training.forwards import CleanReference
+from robust_train.registry import ADDONS
+from robust_train.schema import Number
+from robust_train.step_types import CleanReference
 
 # Offset of SLIM's generator seed from the run seed: a stream of its own, apart from the global generator
 # (weight init, attack starts) and the trainer's data generator (run seed + 1_000_003).
@@ -48,10 +49,6 @@ GRANULARITIES = ("stage", "block")
 MSE_REDUCTIONS = ("sum", "mean")
 COS_MODES = ("flatten", "channel")
 BUILTIN_LOSSES = ("mse", "ortho", "reverse")
-CONFIG_KEYS = (
-    "enabled", "granularity", "layers", "losses", "lam_low", "lam_high", "resample", "mse_reduction",
-    "cos_mode", "cos_eps", "task_weight", "fixed_layer", "fixed_loss", "fixed_lambda",
-)  # fmt: skip
 
 # A dictionary term: (clean features, adversarial features) -> per-example loss of shape (B,).
 DictLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -153,8 +150,102 @@ class Draw:
         return any(lam != 0.0 for lam in self.lams)
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    return cfg.get(key, default) if cfg is not None and hasattr(cfg, "get") else default
+# --------------------------------------------------------------------------- config
+def _loss_problem(name: Any, key: str) -> str | None:
+    """Why `name` is not a dictionary loss (None when it is one)."""
+    if not isinstance(name, str) or (name not in BUILTIN_LOSSES and ":" not in name):
+        return (
+            f"addons.slim.{key} contains {name!r}; allowed: {', '.join(BUILTIN_LOSSES)} "
+            "or 'package.module:function'"
+        )
+    if name not in BUILTIN_LOSSES:
+        try:
+            _import_loss(name)
+        except ConfigError as err:
+            return f"addons.slim.{key}: {err}"
+    return None
+
+
+def _losses(value: Any) -> Any:
+    if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
+        raise ValueError("must be a non-empty list of loss names")
+    names = list(value)
+    problems = [msg for msg in (_loss_problem(n, "losses") for n in names) if msg]
+    if len(set(map(str, names))) != len(names):
+        problems.append(f"addons.slim.losses={names} lists a loss twice (selection is uniform over the list)")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return names
+
+
+def _fixed_loss(value: Any) -> Any:
+    problem = None if value is None else _loss_problem(value, "fixed_loss")
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _layer_list(value: Any) -> Any:
+    if value is None:
+        return value
+    if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
+        raise ValueError("must be null or a non-empty list of layer names")
+    names = list(value)
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError("must hold layer names (non-empty strings)")
+    if len(set(names)) != len(names):
+        raise ValueError("lists a layer twice (selection is uniform over the list)")
+    return names
+
+
+def _layer_name(value: Any) -> Any:
+    if value is not None and not (isinstance(value, str) and value):
+        raise ValueError("must be null or a layer name")
+    return value
+
+
+class SLIMConfig(AddonConfig):
+    """`addons.slim` (docs/methods/slim.md#presets). Strength zero (`fixed_lambda: 0`) is the base step."""
+
+    # Candidate layers: the model's stage outputs (stage) or every residual-block output (block).
+    granularity: Literal["stage", "block"] = "stage"
+    # An explicit list of layer names instead of the granularity (null: use granularity).
+    layers: Annotated[list[str] | None, BeforeValidator(_layer_list)] = None
+    # The loss dictionary, drawn uniformly: mse (||a - b||^2), ortho (cos^2), reverse (-cos), or a
+    # custom "package.module:function" mapping (f_clean, f_adv) to (B,).
+    losses: Annotated[list[str], BeforeValidator(_losses)] = Field(
+        default_factory=lambda: list(BUILTIN_LOSSES)
+    )
+    # lambda ~ U(lam_low, lam_high): signed, as in the paper.
+    lam_low: Annotated[Number, divergence_guard(100.0)] = -1.0
+    lam_high: Annotated[Number, divergence_guard(100.0)] = 1.0
+    # When (layer, loss, lambda) is drawn: once per attack call (batch), at every attack step (step),
+    # or per example once per attack call (sample).
+    resample: Literal["batch", "step", "sample"] = "batch"
+    # Per-example reduction of mse: sum (the paper's squared L2 norm) or mean.
+    mse_reduction: Literal["sum", "mean"] = "sum"
+    # Cosine over the flattened C*H*W feature (flatten), or over channels per position (channel).
+    cos_mode: Literal["flatten", "channel"] = "flatten"
+    # Floor of each feature norm inside the cosine, so all-zero features stay finite.
+    cos_eps: Annotated[Number, Field(gt=0)] = 1e-8
+    # Weight of the base defense's inner loss (CE for PGD-AT/MART, KL for TRADES).
+    task_weight: Annotated[Number, Field(ge=0), divergence_guard(100.0)] = 1.0
+    # Pin a choice instead of drawing it (null: random); task_weight 0, fixed_layer layer4,
+    # fixed_loss reverse, fixed_lambda 1.0 is the paper's PGD-CS ablation (Table 1).
+    fixed_layer: Annotated[str | None, AfterValidator(_layer_name)] = None
+    fixed_loss: Annotated[str | None, BeforeValidator(_fixed_loss)] = None
+    fixed_lambda: Annotated[Number | None, divergence_guard(100.0)] = None
+
+    # A field validator (not a model one), so that it is reported together with other fields' problems.
+    @field_validator("lam_high")
+    @classmethod
+    def _low_below_high(cls, high: float, info: ValidationInfo) -> float:
+        low = info.data.get("lam_low")
+        if low is not None and low > high:
+            raise ValueError(
+                f"addons.slim.lam_low={low:g} must be <= addons.slim.lam_high={high:g}; lambda ~ U(low, high)"
+            )
+        return high
 
 
 def candidate_layers(
@@ -168,7 +259,7 @@ def candidate_layers(
     if layers:
         names = [str(n) for n in layers]
     elif hasattr(base, "feature_layer_names"):
-        names = list(base.feature_layer_names(granularity))
+        names = list(cast(Any, base).feature_layer_names(granularity))
     else:
         raise ConfigError(
             f"model {type(base).__name__} declares no feature layers; set addons.slim.layers to a list of "
@@ -184,37 +275,36 @@ def candidate_layers(
     return names
 
 
+@ADDONS.register("slim", schema=SLIMConfig)
 class SLIM(Addon):
     """Adds `lambda * L_dict(f^l(x), f^l(x_adv))` for a random layer, loss and lambda to the attack's loss."""
 
     name = "slim"
     # Standard training has no attack to modify.
-    supported_defenses = ("pgd_at", "trades", "mart")
+    needs_adversarial = True
     supports_awp = True
 
     def __init__(self, cfg: Any, ctx: AddonContext) -> None:
         super().__init__(cfg, ctx)
+        cfg = self.cfg
         problems = self.check_config(cfg, ctx.cfg)
         if problems:
             raise ConfigError("; ".join(problems))
-        explicit = _cfg_get(cfg, "layers")
-        self.layers = candidate_layers(ctx.model, str(_cfg_get(cfg, "granularity", "stage")), explicit)
-        self.fixed_layer: str | None = _cfg_get(cfg, "fixed_layer")
+        self.layers = candidate_layers(ctx.model, cfg.granularity, cfg.layers)
+        self.fixed_layer: str | None = cfg.fixed_layer
         if self.fixed_layer is not None:
             resolve_layer(ctx.model, self.fixed_layer)
-        self.loss_names = [str(n) for n in _cfg_get(cfg, "losses", BUILTIN_LOSSES)]
-        self.fixed_loss: str | None = _cfg_get(cfg, "fixed_loss")
-        mse_reduction = str(_cfg_get(cfg, "mse_reduction", "sum"))
-        cos_mode = str(_cfg_get(cfg, "cos_mode", "flatten"))
-        eps = to_float(_cfg_get(cfg, "cos_eps", 1e-8), "addons.slim.cos_eps")
+        self.loss_names = [str(n) for n in cfg.losses]
+        self.fixed_loss: str | None = cfg.fixed_loss
         names = self.loss_names + ([self.fixed_loss] if self.fixed_loss is not None else [])
-        self.losses: dict[str, DictLoss] = {n: make_dict_loss(n, mse_reduction, cos_mode, eps) for n in names}
-        self.lam_low = to_float(_cfg_get(cfg, "lam_low", -1.0), "addons.slim.lam_low")
-        self.lam_high = to_float(_cfg_get(cfg, "lam_high", 1.0), "addons.slim.lam_high")
-        fixed = _cfg_get(cfg, "fixed_lambda")
-        self.fixed_lambda = None if fixed is None else to_float(fixed, "addons.slim.fixed_lambda")
-        self.task_weight = to_float(_cfg_get(cfg, "task_weight", 1.0), "addons.slim.task_weight")
-        self.resample = str(_cfg_get(cfg, "resample", "batch"))
+        self.losses: dict[str, DictLoss] = {
+            n: make_dict_loss(n, cfg.mse_reduction, cfg.cos_mode, cfg.cos_eps) for n in names
+        }
+        self.lam_low = cfg.lam_low
+        self.lam_high = cfg.lam_high
+        self.fixed_lambda = cfg.fixed_lambda
+        self.task_weight = cfg.task_weight
+        self.resample = cfg.resample
         self.generator = torch.Generator().manual_seed(int(ctx.seed) + SEED_OFFSET)
         self.draws = 0  # draws of (layer, loss, lambda) so far, for logs
         self.last_draw: Draw | None = None
@@ -224,99 +314,18 @@ class SLIM(Addon):
     # ----------------------------------------------------------------- config
     @classmethod
     def check_config(cls, cfg: Any, run_cfg: Any) -> list[str]:
-        """Problems with `addons.slim.*` (layer names are checked against the model when it is built)."""
-        p: list[str] = []
-        if cfg is None:
-            return p
-        if hasattr(cfg, "keys"):
-            for key in cfg.keys():
-                if key not in CONFIG_KEYS:
-                    p.append(f"addons.slim.{key} is not an option of SLIM; known: {', '.join(CONFIG_KEYS)}")
-
-        def choice(key: str, allowed: tuple[str, ...], default: str) -> None:
-            value = _cfg_get(cfg, key, default)
-            if value not in allowed:
-                p.append(f"addons.slim.{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
-
-        def number(key: str, default: Any, lo: float | None = None, lo_open: bool = False) -> float | None:
-            value = _cfg_get(cfg, key, default)
-            if value is None:
-                return None
-            try:
-                x = to_float(value, f"addons.slim.{key}")
-            except ConfigError as err:
-                p.append(str(err))
-                return None
-            bound = "" if lo is None else f" ({lo:g} {'<' if lo_open else '<='} value)"
-            if not math.isfinite(x) or (lo is not None and (x < lo or (lo_open and x == lo))):
-                p.append(f"addons.slim.{key}={value!r} is out of range: allowed a finite number{bound}")
-                return None
-            return x
-
-        choice("granularity", GRANULARITIES, "stage")
-        choice("resample", RESAMPLE_MODES, "batch")
-        choice("mse_reduction", MSE_REDUCTIONS, "sum")
-        choice("cos_mode", COS_MODES, "flatten")
-        number("task_weight", 1.0, lo=0.0)
-        number("cos_eps", 1e-8, lo=0.0, lo_open=True)
-        number("fixed_lambda", None)
-        low, high = number("lam_low", -1.0), number("lam_high", 1.0)
-        if low is not None and high is not None and low > high:
-            p.append(
-                f"addons.slim.lam_low={low:g} must be <= addons.slim.lam_high={high:g}; lambda ~ U(low, high)"
-            )
-
-        def loss_ok(name: Any, key: str) -> None:
-            if not isinstance(name, str) or (name not in BUILTIN_LOSSES and ":" not in name):
-                p.append(
-                    f"addons.slim.{key} contains {name!r}; allowed: {', '.join(BUILTIN_LOSSES)} "
-                    "or 'package.module:function'"
-                )
-            elif name not in BUILTIN_LOSSES:
-                try:
-                    _import_loss(name)
-                except ConfigError as err:
-                    p.append(f"addons.slim.{key}: {err}")
-
-        losses = _cfg_get(cfg, "losses", list(BUILTIN_LOSSES))
-        if isinstance(losses, str) or not losses or not hasattr(losses, "__iter__"):
-            p.append(f"addons.slim.losses={losses!r} must be a non-empty list of loss names")
-        else:
-            names = list(losses)
-            for name in names:
-                loss_ok(name, "losses")
-            if len(set(map(str, names))) != len(names):
-                p.append(
-                    f"addons.slim.losses={names} lists a loss twice (selection is uniform over the list)"
-                )
-        if _cfg_get(cfg, "fixed_loss") is not None:
-            loss_ok(_cfg_get(cfg, "fixed_loss"), "fixed_loss")
-
-        layers = _cfg_get(cfg, "layers")
-        if layers is not None:
-            if isinstance(layers, str) or not hasattr(layers, "__iter__") or not list(layers):
-                p.append(f"addons.slim.layers={layers!r} must be null or a non-empty list of layer names")
-            else:
-                names = list(layers)
-                if not all(isinstance(n, str) and n for n in names):
-                    p.append(f"addons.slim.layers={names} must hold layer names (non-empty strings)")
-                elif len(set(names)) != len(names):
-                    p.append(
-                        f"addons.slim.layers={names} lists a layer twice (selection is uniform over the list)"
-                    )
-        fixed_layer = _cfg_get(cfg, "fixed_layer")
-        if fixed_layer is not None and not (isinstance(fixed_layer, str) and fixed_layer):
-            p.append(f"addons.slim.fixed_layer={fixed_layer!r} must be null or a layer name")
-
-        attack = _cfg_get(_cfg_get(run_cfg, "defense"), "attack")
-        if _cfg_get(attack, "random_start") == "none":
+        """Run-level rules (the node's own keys are the schema's; layer names are checked against the
+        model when it is built)."""
+        defense = run_cfg.get("defense") if run_cfg is not None and hasattr(run_cfg, "get") else None
+        attack = defense.get("attack") if defense is not None and hasattr(defense, "get") else None
+        if attack is not None and attack.get("random_start") == "none":
             # At x_adv = x every dictionary term has zero input gradient
             # (docs/methods/slim.md#random-start-required).
-            p.append(
+            return [
                 "addons.slim needs a random attack start, but defense.attack.random_start=none; "
                 "choose uniform or normal"
-            )
-        return p
+            ]
+        return []
 
     # ----------------------------------------------------------------- draws
     def _sample(self, n: int) -> tuple[list[str], list[str], list[float]]:

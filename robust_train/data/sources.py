@@ -1,17 +1,123 @@
-"""What every dataset loader returns, and the config-reading helpers they share."""
+"""What every dataset loader returns, the schema of the `dataset` node, and helpers loaders share."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BeforeValidator, Field, field_validator
 
 from robust_train.errors import ConfigError, DataError
+from robust_train.schema import Flag, NonNegativeInt, Number, PositiveInt, Schema, ThreatConfig
+
+
+def _shape(value: Any) -> Any:
+    if value is not None and not (
+        isinstance(value, list | tuple)
+        and len(value) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError("must be [channels, height, width] of positive integers")
+    return value
+
+
+# [channels, height, width]
+ImageShape = Annotated[list[int], BeforeValidator(_shape)]
+
+
+def resolve_val_size(val_size: Any, n_train: int) -> int:
+    """A count (int) or fraction (float in (0, 1)) of the `n_train` training images -> a count."""
+    if isinstance(val_size, bool) or not isinstance(val_size, int | float):
+        raise ConfigError(
+            f"dataset.val_size={val_size!r} must be a count (int >= 0) or a fraction (float in (0, 1))"
+        )
+    if isinstance(val_size, float):
+        if not 0.0 < val_size < 1.0:
+            raise ConfigError(
+                f"dataset.val_size={val_size!r}: a fraction must lie in (0, 1); use an int for a count"
+            )
+        count = round(val_size * n_train)
+    else:
+        count = val_size
+    if count < 0:
+        raise ConfigError(f"dataset.val_size={val_size!r} must be >= 0")
+    if count >= n_train:
+        raise ConfigError(
+            f"dataset.val_size={val_size!r} leaves no training images: the training set has only {n_train} "
+            f"images; choose fewer than {n_train}"
+        )
+    return int(count)
+
+
+def _val_size(value: Any) -> Any:
+    if value is not None:
+        try:
+            resolve_val_size(value, 2**62)  # the type and range; the size of the training set is known later
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+    return value
+
+
+class DatasetConfig(Schema):
+    """The `dataset` node: which data, the validation split, quick-run limits and augmentation.
+
+    `num_classes`, `image_shape`, `mean` and `std` describe the data: set, they are checked against the
+    loaded files (and let the run check the model's shapes before any file is read); null, the files
+    decide. A dataset with options of its own subclasses this.
+    """
+
+    name: str
+    # Held-out validation images carved from the training set by the seed: a count, or a fraction in
+    # (0, 1); null: the dataset's usual size.
+    val_size: Annotated[int | float | None, BeforeValidator(_val_size)] = None
+    # Keep only the first N training / validation / test images (quick runs); null keeps all.
+    train_limit: PositiveInt | None = None
+    val_limit: PositiveInt | None = None
+    test_limit: PositiveInt | None = None
+    num_classes: PositiveInt | None = None
+    image_shape: ImageShape | None = None
+    # Per-channel statistics used by the model's normalization layer; null: the dataset's own.
+    mean: list[Number] | None = None
+    std: list[Annotated[Number, Field(gt=0)]] | None = None
+    # Device-side augmentation: random crop from the image padded by crop_pad (zero or reflect), flip.
+    crop_pad: NonNegativeInt = 4
+    flip: Flag = True
+    padding_mode: Literal["zero", "reflect"] = "zero"
+    # The dataset's usual threat model; the run's `threat` defaults to it.
+    threat: ThreatConfig = ThreatConfig()
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, list | tuple):
+            raise ValueError("must be a list of numbers (one per channel)")
+        return value
+
+    def check(self, path: str) -> list[str]:
+        problems = super().check(path)
+        if self.image_shape is not None:
+            for key in ("mean", "std"):
+                stats = getattr(self, key)
+                if stats is not None and len(stats) != self.image_shape[0]:
+                    problems.append(
+                        f"{path}.{key} has {len(stats)} values but {path}.image_shape has "
+                        f"{self.image_shape[0]} channels"
+                    )
+        return problems
+
+
+class FileDatasetConfig(DatasetConfig):
+    """A dataset read from files under `root` (downloaded with torchvision when `download`)."""
+
+    # null: $ROBUST_TRAIN_DATA, else ./data (layouts: robust_train/data/__init__.py).
+    root: str | None = None
+    download: Flag = True
+    # torchvision's MD5 check of the files; false only for files you trust (the tests' tiny copies).
+    check_integrity: Flag = True
 
 
 @dataclass
@@ -28,34 +134,14 @@ class Source:
     default_val_size: int | float
 
 
-def get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    """cfg.get that also works for OmegaConf nodes and turns ListConfig into a list."""
-    value = cfg.get(key, default)
-    if value is None:
-        return default
-    # OmegaConf's ListConfig is a Sequence; callers want a plain list.
-    if not isinstance(value, str | bytes) and isinstance(value, Sequence):
-        return list(value)
-    return value
-
-
-def data_root(cfg: Mapping[str, Any]) -> Path:
-    """The configured data directory (absolute, for messages), defaulting like the YAML does."""
+def data_root(cfg: Any) -> Path:
+    """The configured data directory (absolute, for messages): `root`, else $ROBUST_TRAIN_DATA, else data."""
     root = cfg.get("root")
     if root is None:
         root = os.environ.get("ROBUST_TRAIN_DATA", "data")
     if not isinstance(root, str | os.PathLike):
         raise ConfigError(f"dataset.root={root!r} must be a directory path")
     return Path(root).expanduser().absolute()
-
-
-def flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = cfg.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ConfigError(f"dataset.{key}={value!r} must be true or false")
-    return value
 
 
 def nhwc_to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -2,37 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
-from robust_train.data.sources import Source, get
-from robust_train.errors import ConfigError
+from robust_train.data.sources import DatasetConfig, ImageShape, Source
+from robust_train.registry import DATASETS
+from robust_train.schema import Integer, PositiveInt
 
 # Keeps the data stream distinct from the validation permutation, which is seeded with `seed` itself.
 _DATA_SEED_OFFSET = 0x5EED
 
 
-def _positive_int(cfg: Mapping[str, Any], key: str, default: int, minimum: int = 1) -> int:
-    value = get(cfg, key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"dataset.{key}={value!r} must be an integer >= {minimum}")
-    return value
+class SyntheticConfig(DatasetConfig):
+    """Random images of any shape; `num_classes` and `image_shape` here define the data."""
+
+    image_shape: ImageShape = [3, 32, 32]
+    num_classes: Annotated[Integer, Field(ge=2)] = 10
+    train_size: PositiveInt = 50000
+    test_size: PositiveInt = 10000
 
 
-def load_synthetic(cfg: Mapping[str, Any], seed: int) -> Source:
+@DATASETS.register("synthetic", schema=SyntheticConfig)
+def load_synthetic(cfg: SyntheticConfig, seed: int) -> Source:
     """`train_size` + `test_size` images of `image_shape`, uint8, drawn deterministically from the seed."""
-    shape = get(cfg, "image_shape", [3, 32, 32])
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 3
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
-    ):
-        raise ConfigError(f"dataset.image_shape={shape!r} must be three positive integers [C, H, W]")
-    num_classes = _positive_int(cfg, "num_classes", 10, minimum=2)
-    n_train = _positive_int(cfg, "train_size", 50000)
-    n_test = _positive_int(cfg, "test_size", 10000)
+    shape = list(cfg.image_shape)
+    num_classes, n_train, n_test = cfg.num_classes, cfg.train_size, cfg.test_size
     channels = shape[0]
 
     gen = torch.Generator().manual_seed(int(seed) + _DATA_SEED_OFFSET)

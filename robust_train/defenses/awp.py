@@ -18,14 +18,25 @@ weight; not BN parameters or biases).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from robust_train.config import to_float
+from robust_train.schema import Flag, Integer, Number, Schema
+
+
+class AWPConfig(Schema):
+    """`defense.awp`: the weight perturbation of AT-AWP, TRADES-AWP and MART-AWP (docs/methods/awp.md)."""
+
+    enabled: Flag = False
+    # Relative radius of the perturbation, ||v_l|| = gamma * ||w_l||; 0 switches it off.
+    gamma: Annotated[Number, Field(ge=0, le=1)] = 0.01
+    # Epochs (0-indexed) trained without the perturbation before it switches on.
+    warmup_epochs: Annotated[Integer, Field(ge=0)] = 0
 
 
 def perturbed_parameter_names(model: nn.Module) -> list[str]:
@@ -33,8 +44,46 @@ def perturbed_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.dim() > 1 and "weight" in n]
 
 
+@contextmanager
+def offset_weights(
+    model: nn.Module,
+    deltas: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    keep_update: bool = True,
+) -> Iterator[None]:
+    """The named parameters become w + delta inside the block; on exit (also on error) the offset is
+    removed: w_new = w + (what the block changed at the offset point) with `keep_update`, else exactly w.
+
+    Shared by every weight perturbation (AWP's and ISEAT's v around the outer step, RWT's noise around
+    the attack): the restore is bit-exact when nothing was updated inside the block. `deltas` may be a
+    generator of (name, delta) pairs, so that no second copy of all offsets is held during the block.
+    """
+    weights = dict(model.named_parameters())
+    originals: dict[str, torch.Tensor] = {}
+    perturbed: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, delta in deltas.items() if isinstance(deltas, Mapping) else deltas:
+            p = weights[name]
+            originals[name] = p.detach().clone()
+            offset = originals[name] + delta
+            if keep_update:
+                perturbed[name] = offset
+            p.copy_(offset)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                p = weights[name]
+                # Keep only the optimizer's update: bit-exact restore when no step was taken.
+                p.copy_(original + (p - perturbed[name]) if keep_update else original)
+
+
 class AWP:
-    """The weight-perturbation stage of a step: `with awp.weight_perturbation(model, loss_fn): step()`."""
+    """Adversarial weight perturbation, a contributor to the step's weight-perturbation stage.
+
+    `weight_perturbation(model, x, y, x_adv, base_loss)` is the stage's one contract (add-ons such as
+    ISEAT implement the same hook); `perturb(model, loss_fn)` is the mechanism underneath.
+    """
 
     name = "awp"
 
@@ -47,11 +96,17 @@ class AWP:
         self.proxy_module: nn.Module | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> AWP | None:
+    def from_config(cls, cfg: AWPConfig | Mapping[str, Any] | None) -> AWP | None:
         """An AWP from a `defense.awp` node, or None when it is absent or disabled."""
-        if not cfg or not cfg.get("enabled", False):
+        if cfg is None:
             return None
-        return cls(to_float(cfg.get("gamma", 0.01), "defense.awp.gamma"), int(cfg.get("warmup_epochs", 0)))
+        if not isinstance(cfg, AWPConfig):
+            from robust_train.schema import validate_node
+
+            cfg = validate_node(AWPConfig, cfg, "defense.awp")
+        if not cfg.enabled:
+            return None
+        return cls(cfg.gamma, cfg.warmup_epochs)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
@@ -87,30 +142,27 @@ class AWP:
         return out
 
     @contextmanager
-    def weight_perturbation(
+    def perturb(
         self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Perturb the model for the body of the block; remove the perturbation on exit (also on error)."""
+        """Perturb the model for the body of the block (yields v); remove the perturbation on exit."""
         if not self.active:
             yield {}
             return
         v = self.directions(model, loss_fn)
-        weights = dict(model.named_parameters())
-        originals, perturbed = {}, {}
-        with torch.no_grad():
-            for name, direction in v.items():
-                p = weights[name]
-                originals[name] = p.detach().clone()
-                perturbed[name] = originals[name] + self.gamma * direction
-                p.copy_(perturbed[name])
-        try:
+        with offset_weights(model, ((name, self.gamma * d) for name, d in v.items())):
             yield v
-        finally:
-            with torch.no_grad():
-                for name in v:
-                    p = weights[name]
-                    # Keep only the optimizer's update: bit-exact restore when no step was taken.
-                    p.copy_(originals[name] + (p - perturbed[name]))
+
+    def weight_perturbation(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_adv: torch.Tensor | None,
+        base_loss: Callable[[nn.Module], torch.Tensor],
+    ) -> Any:
+        """The step's weight-perturbation hook: v from the base outer loss, around the outer step."""
+        return self.perturb(model, base_loss)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch}

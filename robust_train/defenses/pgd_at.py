@@ -6,17 +6,36 @@ the model in train mode (no clean term).
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch.nn.functional as F
+from pydantic import Field
 
-from robust_train.defenses.base import Defense, StepLoss
-from robust_train.training.forwards import StepForwards
+from robust_train.defenses.awp import AWPConfig
+from robust_train.defenses.base import Defense, DefenseConfig, pgd_training_attack
+from robust_train.registry import DEFENSES
+from robust_train.step_types import LABEL, StepForwards, StepLoss, Term
 
 
+class PGDATConfig(DefenseConfig):
+    """`defense=pgd_at`: Rice et al.'s attack (uniform start, BN in train mode while crafting); AT-AWP
+    with `awp.enabled` (gamma 0.01 from epoch 0)."""
+
+    name: Literal["pgd_at"] = "pgd_at"
+    attack: dict[str, Any] | None = pgd_training_attack("uniform", "train")
+    awp: AWPConfig | None = Field(default_factory=AWPConfig)
+
+
+@DEFENSES.register("pgd_at", schema=PGDATConfig)
 class PGDAT(Defense):
     name = "pgd_at"
     train_branch = "adv"
+    label_branch = "adv"
+    outer_branches = ("adv",)
 
     def outer_loss(self, out: StepForwards) -> StepLoss:
         logits = out.logits("adv")
         ce = F.cross_entropy(logits, out.y)
-        return StepLoss(loss=ce, logits=logits, terms={"ce_adv": ce.detach()}, label_term=ce)
+        return StepLoss(
+            logits=logits, terms={"ce_adv": Term(ce, role=LABEL, branch="adv", fn=F.cross_entropy)}
+        )

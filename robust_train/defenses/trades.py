@@ -7,23 +7,45 @@ CE(f(x), y) + beta * KL(p(x) || p(x')) with batchmean reduction, gradients throu
 
 from __future__ import annotations
 
+from typing import Annotated, Any, Literal, cast
+
 import torch
+import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from robust_train.config import to_float
-from robust_train.defenses.base import Defense, StepLoss
+from robust_train.defenses.awp import AWPConfig
+from robust_train.defenses.base import Defense, DefenseConfig, pgd_training_attack
 from robust_train.defenses.losses import kl_clean_adv, trades_loss
-from robust_train.training.forwards import CleanReference, StepForwards
+from robust_train.registry import DEFENSES
+from robust_train.schema import Number
+from robust_train.step_types import LABEL, CleanReference, StepForwards, StepLoss, Term
+
+# The papers use beta 1-6; far larger values drown the supervised term.
+MAX_BETA = 100.0
 
 
+class TRADESConfig(DefenseConfig):
+    """`defense=trades`: beta 6, the official attack (0.001*N(0,I) start, BN eval); TRADES-AWP with
+    `awp.enabled` (gamma 0.005, off for the first 9 epochs)."""
+
+    name: Literal["trades"] = "trades"
+    beta: Annotated[Number, Field(ge=0, le=MAX_BETA)] = 6.0
+    attack: dict[str, Any] | None = pgd_training_attack("normal", "eval")
+    awp: AWPConfig | None = Field(default_factory=lambda: AWPConfig(gamma=0.005, warmup_epochs=9))
+
+
+@DEFENSES.register("trades", schema=TRADESConfig)
 class TRADES(Defense):
     name = "trades"
     train_branch = "adv"
+    label_branch = "clean"
+    outer_branches = ("clean", "adv")
     default_random_start = "normal"
 
-    def __init__(self, cfg, threat) -> None:
+    def __init__(self, cfg: Any, threat: Any) -> None:
         super().__init__(cfg, threat)
-        self.beta = to_float(cfg.get("beta", 6.0), "defense.beta")
+        self.beta = float(cast(TRADESConfig, self.cfg).beta)
 
     def inner_loss(
         self, logits_adv: torch.Tensor, y: torch.Tensor, clean: CleanReference, model: nn.Module
@@ -33,7 +55,9 @@ class TRADES(Defense):
 
     def outer_loss(self, out: StepForwards) -> StepLoss:
         clean, adv = out.logits("clean"), out.logits("adv")
-        loss, ce, kl = trades_loss(clean, adv, out.y, self.beta)
-        return StepLoss(
-            loss=loss, logits=adv, terms={"ce_clean": ce.detach(), "kl": kl.detach()}, label_term=ce
-        )
+        _, ce, kl = trades_loss(clean, adv, out.y, self.beta)
+        terms = {
+            "ce_clean": Term(ce, role=LABEL, branch="clean", fn=F.cross_entropy),
+            "kl": Term(kl, weight=self.beta),
+        }
+        return StepLoss(logits=adv, terms=terms)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -11,9 +11,7 @@ from robust_train.addons import build_addons
 from robust_train.builders import model_from_config, threat_from_config
 from robust_train.config import (
     numeric_config,
-    relative_step_factor,
     resolve_device,
-    to_float,
     validate_eval_config,
     validate_train_config,
 )
@@ -29,10 +27,9 @@ from robust_train.evaluation.analysis import (
     suite_gap,
     validate_analysis,
 )
-from robust_train.evaluation.sanity import run_sanity_checks, sanity_settings
-from robust_train.evaluation.sanity import summary_values as sanity_summary
-from robust_train.evaluation.suite import build_suite, run_suite
+from robust_train.evaluation.evaluate import EvalSetup, evaluate_model, log_evaluation
 from robust_train.models import check_state_dict_compatible
+from robust_train.schema import relative_step_factor, to_float
 from robust_train.tracking.checkpoint import load_checkpoint, seed_everything
 from robust_train.tracking.results import format_table, new_results, write_results
 from robust_train.tracking.wandb_run import build_tracker
@@ -76,6 +73,11 @@ def _rescale_steps(
                 node["step"] = to_float(node["step"], "step") * ratio
 
 
+def _plain_dict(node: Any, resolve: bool = False) -> dict[str, Any]:
+    """OmegaConf.to_container of a mapping node, typed as the dict it is."""
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=resolve))
+
+
 def merged_config(cfg: DictConfig, state: dict[str, Any], overrides: list[str] | None = None) -> DictConfig:
     """The checkpoint's training config with this evaluation's choices laid over it.
 
@@ -89,12 +91,11 @@ def merged_config(cfg: DictConfig, state: dict[str, Any], overrides: list[str] |
     if "model" not in base or "dataset" not in base:
         raise ConfigError(f"checkpoint={cfg.checkpoint} carries no training config; it cannot be rebuilt")
     groups, attack_keys = _chosen_groups(list(overrides or []))
-    requested = OmegaConf.to_container(cfg.eval, resolve=False)
-    stored = OmegaConf.to_container(base.eval, resolve=False) if base.get("eval") is not None else None
+    requested = _plain_dict(cfg.eval)
+    stored = _plain_dict(base.eval) if base.get("eval") is not None else None
     use_stored = "eval" not in groups and isinstance(stored, dict) and bool(stored.get("attacks"))
-    if not use_stored:
-        suite = requested
-    else:
+    suite = requested
+    if use_stored and stored is not None:
         suite = stored | {k: v for k, v in requested.items() if k not in ("attacks", "name")}
     overlay: dict[str, Any] = {
         "logger": OmegaConf.to_container(cfg.logger, resolve=False),
@@ -103,14 +104,12 @@ def merged_config(cfg: DictConfig, state: dict[str, Any], overrides: list[str] |
     }
     for key in ("model", "dataset", "threat"):
         node = cfg.get(key)
-        values = {
-            k: v for k, v in (OmegaConf.to_container(node, resolve=False) or {}).items() if v is not None
-        }
+        values = {k: v for k, v in (_plain_dict(node) or {}).items() if v is not None}
         # A model override only counts with a name: width alone (e.g. from debug=fast) cannot apply
         # to trained weights.
         if values and (key != "model" or "name" in values):
             overlay[key] = values
-    threat = OmegaConf.to_container(base.threat, resolve=True) if base.get("threat") is not None else {}
+    threat = _plain_dict(base.threat, resolve=True) if base.get("threat") is not None else {}
     new = overlay.get("threat") or {}
     if "eps" in new and "step" not in new and threat.get("eps") is not None:
         old_eps = to_float(threat["eps"], "threat.eps")
@@ -123,7 +122,7 @@ def merged_config(cfg: DictConfig, state: dict[str, Any], overrides: list[str] |
     if "name" in model and model["name"] != base.model.get("name"):
         # Another architecture keeps the trained width and normalization, not the old one's options.
         base.model = {k: base.model.get(k) for k in ("width", "normalize") if k in base.model}
-    merged = OmegaConf.merge(base, overlay)
+    merged = cast(DictConfig, OmegaConf.merge(base, overlay))  # a mapping merged over a mapping
     merged.eval = suite
     for o in attack_keys:
         if o.is_delete():
@@ -167,21 +166,17 @@ def evaluate_checkpoint(
         {"model": model, "defense": build_defense(full.defense, threat), "threat": threat,
          "num_classes": data.num_classes, "seed": seed},
     )  # fmt: skip
-    net = model  # the plain network: analysis hooks need its layers, not an eval-time wrapper
-    for addon, addon_state in ((a, (state.get("addons") or {}).get(a.name)) for a in addons):
+    for addon in addons:
+        addon_state = (state.get("addons") or {}).get(addon.name)
         if addon_state:
             addon.load_state_dict(addon_state)
-        model = addon.wrap_for_eval(model)
-    attacks = build_suite(full.eval, threat)
-    n = full.eval.get("n_examples")
-    x, y = data.test_x, data.test_y
-    if n:
-        x, y = x[: int(n)], y[: int(n)]
-
+    # `model` stays the plain network (the analysis hooks need its layers); the setup wraps it.
     out_dir = Path(out_dir)
+    setup = EvalSetup.from_config(full.eval, threat, data, seed, addons=addons, state_dir=out_dir)
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = numeric_config(OmegaConf.to_container(full, resolve=True))
-    tracker = build_tracker(
+    config = numeric_config(_plain_dict(full, resolve=True))
+    setup.tracker = build_tracker(
         full.logger,
         out_dir,
         config,
@@ -193,58 +188,27 @@ def evaluate_checkpoint(
     results["checkpoint"] = str(cfg.checkpoint)
     kind = Path(str(cfg.checkpoint)).stem
     try:
-        results["eval"] = {
-            "suite": full.eval.get("name"),
-            "n_examples": int(x.shape[0]),
-            kind: {
-                "epoch": int(state.get("epoch", -1)),
-                "checkpoint": str(cfg.checkpoint),
-                "attacks": run_suite(
-                    model, attacks, x, y, int(full.eval.batch_size), True, kind, state_dir=out_dir
-                ),
-            },
-        }
-        if sanity_settings(full.eval.get("sanity"))["enabled"]:
-            entry = results["eval"][kind]
-            entry["sanity"] = run_sanity_checks(
-                model, x, y, threat, full.eval.get("sanity"), entry["attacks"], seed
-            )
-            tracker.summary(sanity_summary(kind, entry["sanity"]))
+        entry = evaluate_model(setup, model, kind, int(state.get("epoch", -1)), cfg.checkpoint)
+        results["eval"] = {**setup.header(), kind: entry}
         write_results(results, out_dir / "results.json")
         if analysis_names:
             results["analysis"] = run_analysis(
-                net, analysis_names, cfg.get("analysis_options"), attacks, (data.train_x, data.train_y),
-                (x, y), data.num_classes, out_dir, kind, int(full.eval.batch_size), seed,
+                model, analysis_names, cfg.get("analysis_options"), setup.attacks,
+                (data.train_x, data.train_y), (setup.x, setup.y), data.num_classes, out_dir, kind,
+                setup.batch_size, seed,
             )  # fmt: skip
             if "robust_overfitting" in analysis_names:
-
-                def wrap(m: Any) -> Any:
-                    for addon in addons:
-                        m = addon.wrap_for_eval(m)
-                    return m
-
-                found = evaluate_sibling(
-                    net, wrap, attacks, cfg.checkpoint, results["eval"][kind]["epoch"], x, y,
-                    int(full.eval.batch_size), out_dir,
-                )  # fmt: skip
+                found = evaluate_sibling(setup, model, cfg.checkpoint, entry["epoch"])
                 if found is not None:
                     results["eval"][found[0]] = found[1]
                 results["eval"]["gap"] = suite_gap(results["eval"])
             write_results(results, out_dir / "results.json")
-            log_analysis(tracker, results["analysis"])
-        rows = [
-            [k, name, a["accuracy"], a["n"], a["time_s"]]
-            for k, entry in results["eval"].items()
-            if isinstance(entry, dict) and "attacks" in entry
-            for name, a in entry["attacks"].items()
-        ]
-        tracker.log_table("eval/results", ["checkpoint", "attack", "accuracy", "n", "time_s"], rows)
-        gap = {f"eval/gap/{k}": v for k, v in (results["eval"].get("gap") or {}).items()}
-        tracker.summary({f"eval/{r[0]}/{r[1]}": r[2] for r in rows} | gap)
+            log_analysis(setup.tracker, results["analysis"])
+        log_evaluation(setup.tracker, results["eval"])
     except BaseException:
-        tracker.finish(exit_code=1)
+        setup.tracker.finish(exit_code=1)
         raise
-    tracker.finish(exit_code=0)
+    setup.tracker.finish(exit_code=0)
     print(format_table(results["eval"]), flush=True)
     for text in (format_gap(results["eval"].get("gap")), format_analysis(results.get("analysis") or {})):
         if text:

@@ -24,27 +24,44 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from robust_train.attacks import PGD, ThreatModel
-from robust_train.config import to_float
 from robust_train.data import to_float as pixels_to_float
+from robust_train.schema import (
+    Flag,
+    NonNegativeInt,
+    Number,
+    PositiveInt,
+    PositiveNumber,
+    Schema,
+    UnitNumber,
+    to_float,
+    validate_node,
+)
 
-DEFAULTS: dict[str, Any] = {
-    "enabled": True,
-    "n_examples": 64,
-    "batch_size": 64,
-    "pgd_steps": 10,
-    "large_eps": None,
-    "square_queries": 200,
-    "tolerance": 3.0,
-    "max_large_eps_acc": 10.0,
-    "max_dead_grad_frac": 0.1,
-}
+Percent = Annotated[Number, Field(ge=0, le=100)]
+
+
+class SanityConfig(Schema):
+    """`eval.sanity`: the checks' budget and thresholds, on a small fp32 subset of the evaluated images."""
+
+    enabled: Flag = True
+    n_examples: PositiveInt = 64  # the first N evaluated test images
+    batch_size: PositiveInt = 64
+    pgd_steps: PositiveInt = 10  # PGD-k vs PGD-4k with 2 restarts: more effort must not raise accuracy
+    large_eps: PositiveNumber | None = None  # null: 0.5 (linf) or 0.5*sqrt(pixels) (l2)
+    square_queries: NonNegativeInt = 200  # black-box Square must not beat the white-box attacks
+    tolerance: Percent = 3.0  # accuracy points (%) of slack for the comparisons (small-sample noise)
+    max_large_eps_acc: Percent = 10.0  # accuracy (%) allowed at large_eps
+    max_dead_grad_frac: UnitNumber = 0.1  # fraction of examples whose input gradient is zero/non-finite
+
+
 CHECKS = (
     "robust_le_clean",
     "more_steps",
@@ -56,12 +73,9 @@ CHECKS = (
 )
 
 
-def sanity_settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`eval.sanity` with defaults filled in (an absent node means enabled with defaults)."""
-    out = dict(DEFAULTS)
-    for key, value in (cfg or {}).items():
-        out[str(key)] = value
-    return out
+def sanity_settings(cfg: Mapping[str, Any] | SanityConfig | None) -> dict[str, Any]:
+    """`eval.sanity` validated, defaults filled in (an absent node means enabled with defaults)."""
+    return validate_node(SanityConfig, cfg, "eval.sanity").model_dump()
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -13,6 +13,13 @@ from tqdm import tqdm
 
 from robust_train.attacks import Attack, ThreatModel, build_attack
 from robust_train.data import to_float
+
+
+@runtime_checkable
+class ResumableAttack(Protocol):
+    """An attack that keeps its progress in `state_path` (None: no state file)."""
+
+    state_path: Path | None
 
 
 def build_suite(eval_cfg: Mapping[str, Any], threat: ThreatModel) -> dict[str, Attack]:
@@ -92,12 +99,13 @@ def run_suite(
     results = {}
     for name, attack in attacks.items():
         desc = f"eval {label} {name}".strip()
-        own_state = state_dir is not None and hasattr(attack, "state_path") and attack.state_path is None
-        if own_state:
+        owned: ResumableAttack | None = None  # an attack whose state file this run creates and removes
+        if state_dir is not None and isinstance(attack, ResumableAttack) and attack.state_path is None:
             # Long evaluations (AutoAttack) resume from this file if the run is interrupted.
-            attack.state_path = Path(state_dir) / f".{label or 'eval'}_{name}.state.pt"
+            owned = attack
+            owned.state_path = Path(state_dir) / f".{label or 'eval'}_{name}.state.pt"
         results[name] = evaluate_accuracy(model, attack, x_uint8, y, batch_size, progress, desc)
-        if own_state:
-            attack.state_path.unlink(missing_ok=True)
-            attack.state_path = None
+        if owned is not None and owned.state_path is not None:
+            owned.state_path.unlink(missing_ok=True)
+            owned.state_path = None
     return results

@@ -2,46 +2,91 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from robust_train.errors import CheckpointError, ConfigError
-from robust_train.models.base import NORMALIZE_MODES, Normalize, RobustModel, scale_channels
+from robust_train.models.base import (
+    NORMALIZE_MODES,
+    ModelConfig,
+    Normalize,
+    RobustModel,
+    scale_channels,
+)
 from robust_train.models.features import capture_features, forward_with_features, resolve_layer
-from robust_train.models.mobilenet import mobilenet_v2
-from robust_train.models.preact_resnet import preact_resnet18, preact_resnet56
-from robust_train.models.resnet import resnet18
-from robust_train.models.vgg import vgg16_bn
-from robust_train.models.wide_resnet import filter_state_dict, wrn28_10, wrn34_10
+from robust_train.models.mobilenet import mobilenet_v2  # noqa: F401  (each module registers its models)
+from robust_train.models.preact_resnet import PreActResNet18Config
+from robust_train.models.resnet import ResNet18Config
+from robust_train.models.vgg import vgg16_bn  # noqa: F401
+from robust_train.models.wide_resnet import WideResNetConfig, filter_state_dict
+from robust_train.registry import MODELS
+from robust_train.schema import check_node, did_you_mean, plain, raise_problems
 
-_BUILDERS: dict[str, Callable[..., RobustModel]] = {
-    "preact_resnet18": preact_resnet18,
-    "resnet18": resnet18,
-    "wrn34_10": wrn34_10,
-    "wrn28_10": wrn28_10,
-    "preact_resnet56": preact_resnet56,
-    "vgg16_bn": vgg16_bn,
-    "mobilenet_v2": mobilenet_v2,
-}
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
-_COMMON_ARGS = {"num_classes", "mean", "std", "width", "normalize"}
+# The package's own architectures (each registered in MODELS by its module); plugins add more.
+MODEL_NAMES: tuple[str, ...] = (
+    "preact_resnet18",
+    "resnet18",
+    "wrn34_10",
+    "wrn28_10",
+    "preact_resnet56",
+    "vgg16_bn",
+    "mobilenet_v2",
+)
 
 __all__ = [
     "MODEL_NAMES",
+    "NORMALIZE_MODES",
+    "ModelConfig",
     "Normalize",
+    "PreActResNet18Config",
+    "ResNet18Config",
     "RobustModel",
+    "WideResNetConfig",
     "build_model",
     "capture_features",
+    "check_model",
     "check_state_dict_compatible",
     "count_parameters",
     "filter_state_dict",
     "forward_with_features",
+    "model_names",
     "resolve_layer",
     "scale_channels",
 ]
+
+
+def model_names() -> list[str]:
+    """Every selectable architecture: ours in their usual order, then the plugins'."""
+    return [*MODEL_NAMES, *(n for n in MODELS.names() if n not in MODEL_NAMES)]
+
+
+def check_model(node: Any, path: str = "model") -> tuple[ModelConfig | None, list[str]]:
+    """A `model` node validated by its architecture's schema, or the problems found.
+
+    A key that is an option of another architecture (or of none) is named as "not an option of model
+    X", with the closest option of X.
+    """
+    if isinstance(node, ModelConfig):
+        return check_node(type(node), node, path)
+    data = plain(node) or {}
+    name = data.get("name") if isinstance(data, Mapping) else None
+    if not isinstance(name, str) or name not in MODELS:
+        names = model_names()
+        close = did_you_mean(str(name), names)
+        return None, [f"{path}.name={name!r} is not a known model; allowed: {', '.join(names)}{close}"]
+    schema = MODELS.get(name).schema
+    options = [k for k in schema.model_fields if k != "name"]
+    unknown = [k for k in data if k not in schema.model_fields]
+    problems = [
+        f"{path}.{k} is not an option of model {name!r}{did_you_mean(k, options, f'{path}.')}; "
+        f"allowed options: {', '.join(options)}"
+        for k in unknown
+    ]
+    cfg, more = check_node(schema, {k: v for k, v in data.items() if k not in unknown}, path)
+    problems += more
+    return (None, problems) if problems else (cfg, [])
 
 
 def build_model(
@@ -49,36 +94,29 @@ def build_model(
     num_classes: int,
     mean: Sequence[float],
     std: Sequence[float],
-    width: float = 1.0,
-    normalize: str = "meanstd",
+    width: float | None = None,
+    normalize: str | None = None,
     **kwargs: Any,
-) -> RobustModel:
-    """Build a model taking [0, 1] images and returning logits; kwargs are arch-specific options."""
-    if name not in _BUILDERS:
-        raise ConfigError(f"model.name={name!r} is not a known model; allowed: {', '.join(MODEL_NAMES)}")
-    if normalize not in NORMALIZE_MODES:
-        raise ConfigError(
-            f"model.normalize={normalize!r} is not known; allowed: {', '.join(NORMALIZE_MODES)}"
-        )
+) -> nn.Module:
+    """Build a model taking [0, 1] images and returning logits; kwargs are arch-specific options.
+
+    `width` and `normalize` left out (None) take the architecture schema's defaults.
+    """
+    node = {"name": name, **kwargs}
+    if width is not None:
+        node["width"] = width
+    if normalize is not None:
+        node["normalize"] = normalize
+    cfg, problems = check_model(node)
+    raise_problems(problems)
+    assert cfg is not None
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes={num_classes!r} must be a positive integer")
-    if isinstance(width, bool) or not isinstance(width, int | float) or not width > 0:
-        raise ConfigError(f"model.width={width!r} must be a number > 0")
-    builder = _BUILDERS[name]
-    extra = [p for p in inspect.signature(builder).parameters if p not in _COMMON_ARGS]
-    unknown = sorted(set(kwargs) - set(extra))
-    if unknown:
-        raise ConfigError(
-            f"model.{unknown[0]} is not an option of model {name!r}; allowed extra options: "
-            f"{', '.join(extra) if extra else '(none)'}"
-        )
-    return builder(
+    return MODELS.get(cfg.name).cls(
         num_classes=num_classes,
         mean=[float(m) for m in mean],
         std=[float(s) for s in std],
-        width=float(width),
-        normalize=normalize,
-        **kwargs,
+        **cfg.options(),
     )
 
 

@@ -4,14 +4,35 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from robust_train.errors import ConfigError
+from robust_train.schema import Number, Schema
 
 NORMALIZE_MODES = ("none", "meanstd")
 GRANULARITIES = ("stage", "block")
+
+
+class ModelConfig(Schema):
+    """The `model` node: an architecture by `name`, its width multiplier and input normalization.
+
+    An architecture with options of its own (resnet18's `stem`) subclasses this. The registered
+    builder is called with `num_classes`, `mean`, `std` and every field but `name` as keywords.
+    """
+
+    name: str
+    # Scales every channel count (max(1, round(c * width))), never spatial sizes: 0.0625 for CPU tests.
+    width: Annotated[Number, Field(gt=0, le=16)] = 1.0
+    # meanstd: the model's first layer normalizes with the dataset's statistics; none: raw [0, 1] input.
+    normalize: Literal["none", "meanstd"] = "meanstd"
+
+    def options(self) -> dict[str, Any]:
+        """The builder's keyword arguments besides num_classes/mean/std."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k != "name"}
 
 
 def scale_channels(channels: int, width: float) -> int:
@@ -26,6 +47,9 @@ class Normalize(nn.Module):
     state_dict, so checkpoints of the reference codes (which normalize outside the network) load
     unchanged and the normalization is decided by the config, not by the checkpoint.
     """
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from robust_train.models.base import RobustModel, pool_flatten, scale_channels, sequential_block_names
+from robust_train.models.base import (
+    ModelConfig,
+    RobustModel,
+    pool_flatten,
+    scale_channels,
+    sequential_block_names,
+)
+from robust_train.registry import MODELS
 
 # Bottleneck sequences (expansion t, out channels c, repeats n, first stride s) of Sandler et al.
 # (2018, Table 2), grouped into stages by output resolution at 32x32 input: 32, 16, 8, 4.
@@ -99,12 +106,9 @@ class MobileNetV2(RobustModel):
         return pool_flatten(out)
 
 
+@MODELS.register("mobilenet_v2", schema=ModelConfig)
 def mobilenet_v2(
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: float = 1.0,
-    normalize: str = "meanstd",
+    num_classes: int, mean: Sequence[float], std: Sequence[float], width: float, normalize: str
 ) -> MobileNetV2:
     """MobileNetV2 for 32x32 / 64x64 input."""
     return MobileNetV2(num_classes, mean, std, normalize, width)

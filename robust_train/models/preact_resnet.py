@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robust_train.errors import ConfigError
-from robust_train.models.base import RobustModel, pool_flatten, scale_channels, sequential_block_names
+from robust_train.models.base import (
+    ModelConfig,
+    RobustModel,
+    pool_flatten,
+    scale_channels,
+    sequential_block_names,
+)
+from robust_train.registry import MODELS
 
 # What the projection shortcut (1x1 conv) reads: `preact` = relu(bn1(x)) as in the robust_overfitting /
 # AWP PreActResNet-18; `raw` = the block input x as in the ISEAT authors' PreActResNet-18 (spec iseat.md,
 # official code notes). Identity shortcuts always add the raw input.
 SHORTCUT_INPUTS = ("preact", "raw")
+
+
+class PreActResNet18Config(ModelConfig):
+    # Same parameters and checkpoint keys either way.
+    shortcut_input: Literal["preact", "raw"] = "preact"
 
 
 class PreActBlock(nn.Module):
@@ -101,13 +114,14 @@ class PreActResNet(RobustModel):
         return pool_flatten(F.relu(self.bn(out)))
 
 
+@MODELS.register("preact_resnet18", schema=PreActResNet18Config)
 def preact_resnet18(
     num_classes: int,
     mean: Sequence[float],
     std: Sequence[float],
-    width: float = 1.0,
-    normalize: str = "meanstd",
-    shortcut_input: str = "preact",
+    width: float,
+    normalize: str,
+    shortcut_input: str,
 ) -> PreActResNet:
     """PreActResNet-18: 64-ch stem, 4 stages x 2 blocks (64/128/256/512).
 
@@ -129,12 +143,9 @@ def preact_resnet18(
     )
 
 
+@MODELS.register("preact_resnet56", schema=ModelConfig)
 def preact_resnet56(
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: float = 1.0,
-    normalize: str = "meanstd",
+    num_classes: int, mean: Sequence[float], std: Sequence[float], width: float, normalize: str
 ) -> PreActResNet:
     """PreActResNet-56 (LAD): 16-ch stem, 3 stages x 9 blocks (16/32/64)."""
     return PreActResNet(

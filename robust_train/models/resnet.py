@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robust_train.errors import ConfigError
-from robust_train.models.base import RobustModel, pool_flatten, scale_channels, sequential_block_names
+from robust_train.models.base import (
+    ModelConfig,
+    RobustModel,
+    pool_flatten,
+    scale_channels,
+    sequential_block_names,
+)
+from robust_train.registry import MODELS
 
 # Stem before layer1 (conv, BN, ReLU in both):
 # - conv3x3: 3x3 stride-1 conv, the CIFAR ResNet-18 of TRADES / MART (32x32 input -> layer4 at 4x4);
@@ -16,6 +24,10 @@ from robust_train.models.base import RobustModel, pool_flatten, scale_channels, 
 #   SAT authors' code (spec sat.md d): 32x32 input -> layer4 at 2x2, so SAT's layer4 taps are 512*2*2 =
 #   2048-d instead of 8192-d, the size its lambda and beta were tuned on.
 STEMS = ("conv3x3", "conv7x7_s2")
+
+
+class ResNet18Config(ModelConfig):
+    stem: Literal["conv3x3", "conv7x7_s2"] = "conv3x3"
 
 
 class BasicBlock(nn.Module):
@@ -44,6 +56,11 @@ class ResNet18(RobustModel):
     """Stem conv-BN-ReLU (STEMS), 4 stages x 2 BasicBlocks (64/128/256/512), global average pool, Linear."""
 
     arch = "resnet18"
+    # Built with setattr in a loop; declared for type checkers.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(
         self,
@@ -84,13 +101,9 @@ class ResNet18(RobustModel):
         return pool_flatten(out)
 
 
+@MODELS.register("resnet18", schema=ResNet18Config)
 def resnet18(
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: float = 1.0,
-    normalize: str = "meanstd",
-    stem: str = "conv3x3",
+    num_classes: int, mean: Sequence[float], std: Sequence[float], width: float, normalize: str, stem: str
 ) -> ResNet18:
     """Post-activation ResNet-18; `stem` picks the CIFAR 3x3 stem (default) or the SAT code's 7x7/2 one."""
     return ResNet18(num_classes, mean, std, normalize, width, stem)

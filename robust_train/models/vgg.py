@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from robust_train.models.base import RobustModel, pool_flatten, scale_channels
+from robust_train.models.base import ModelConfig, RobustModel, pool_flatten, scale_channels
+from robust_train.registry import MODELS
 
 # Output channels of the conv units of each stage; every stage ends with a 2x2 max-pool.
 VGG16_STAGES: tuple[tuple[int, ...], ...] = (
@@ -71,12 +72,9 @@ class VGG16BN(RobustModel):
         return pool_flatten(out)
 
 
+@MODELS.register("vgg16_bn", schema=ModelConfig)
 def vgg16_bn(
-    num_classes: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    width: float = 1.0,
-    normalize: str = "meanstd",
+    num_classes: int, mean: Sequence[float], std: Sequence[float], width: float, normalize: str
 ) -> VGG16BN:
     """CIFAR VGG16-BN with a single linear classifier."""
     return VGG16BN(num_classes, mean, std, normalize, width)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from robust_train.errors import ConfigError
-from robust_train.models.base import RobustModel, pool_flatten, scale_channels
+from robust_train.models.base import ModelConfig, RobustModel, pool_flatten, scale_channels
+from robust_train.registry import MODELS
+from robust_train.schema import Number
+
+
+class WideResNetConfig(ModelConfig):
+    # Dropout between the two convs of every block (the TRADES / AWP models use 0).
+    drop_rate: Annotated[Number, Field(ge=0, lt=1)] = 0.0
 
 
 class WideBasicBlock(nn.Module):
@@ -108,25 +116,27 @@ class WideResNet(RobustModel):
         return pool_flatten(self.relu(self.bn1(out)))
 
 
+@MODELS.register("wrn34_10", schema=WideResNetConfig)
 def wrn34_10(
     num_classes: int,
     mean: Sequence[float],
     std: Sequence[float],
-    width: float = 1.0,
-    normalize: str = "meanstd",
-    drop_rate: float = 0.0,
+    width: float,
+    normalize: str,
+    drop_rate: float,
 ) -> WideResNet:
     """WideResNet-34-10 (5 blocks per stage, 160/320/640 channels)."""
     return WideResNet("wrn34_10", 34, 10, num_classes, mean, std, normalize, width, drop_rate)
 
 
+@MODELS.register("wrn28_10", schema=WideResNetConfig)
 def wrn28_10(
     num_classes: int,
     mean: Sequence[float],
     std: Sequence[float],
-    width: float = 1.0,
-    normalize: str = "meanstd",
-    drop_rate: float = 0.0,
+    width: float,
+    normalize: str,
+    drop_rate: float,
 ) -> WideResNet:
     """WideResNet-28-10 (4 blocks per stage, 160/320/640 channels)."""
     return WideResNet("wrn28_10", 28, 10, num_classes, mean, std, normalize, width, drop_rate)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robust_train.config import to_float
 from robust_train.errors import ConfigError, ResultsError
+from robust_train.schema import to_float
 from robust_train.tracking.results import ce_labelled_cw
 from robust_train.tracking.results import read_results as read_results_file
 
@@ -52,7 +53,7 @@ def parse_eps(value: Any) -> float | None:
 
 
 def _checkpoints_from_eval(
-    evaluation: dict[str, Any], mislabelled: set[str] = frozenset()
+    evaluation: dict[str, Any], mislabelled: AbstractSet[str] = frozenset()
 ) -> dict[str, dict[str, Any]]:
     """Per-checkpoint accuracies; attacks in `mislabelled` get a column of their own, marked."""
     out: dict[str, dict[str, Any]] = {}

@@ -159,7 +159,8 @@ def resumable_checkpoint(path: Path | str) -> bool:
 
 def rng_state() -> dict[str, Any]:
     """Every global RNG state (python, numpy, torch CPU and CUDA) in a weights_only-loadable form."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: (name, keys, pos, has_gauss, cached_gaussian)
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {

@@ -5,7 +5,38 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from robust_train.registry import NODE_SCHEMAS
+from robust_train.schema import Flag, NonNegativeInt, Schema, validate_node
+
+
+class WandbLoggerConfig(Schema):
+    """`logger=wandb`: Weights & Biases; offline needs no account (sync later with `wandb sync`)."""
+
+    name: Literal["wandb"] = "wandb"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "robust-train"
+    entity: str | None = None
+    group: str | None = None  # null: the sweep's name in a multirun, none for a single run
+    job_type: str | None = None  # null: train for robust-train, eval for robust-eval
+    tags: list[str] = []
+    dir: str | None = None  # null: the run directory
+    # Upload best.pt and last.pt as versions of a W&B model artifact with aliases best / last.
+    log_checkpoints: Flag = False
+    # Test images in the W&B table eval/examples (clean and adversarial, per attack); 0: no table.
+    example_images: NonNegativeInt = 8
+
+
+class NoLoggerConfig(Schema):
+    """`logger=none`: results.json and the console only."""
+
+    name: Literal["none"] = "none"
+
+
+LOGGERS: dict[str, type[Schema]] = {"wandb": WandbLoggerConfig, "none": NoLoggerConfig}
+
+NODE_SCHEMAS.update({"logger/wandb": WandbLoggerConfig, "logger/none": NoLoggerConfig})
 
 
 class Tracker:
@@ -54,27 +85,30 @@ class WandbTracker(Tracker):
         tags: list[str],
         resume_id: str | None,
     ) -> None:
+        logger = (
+            cfg if isinstance(cfg, WandbLoggerConfig) else validate_node(WandbLoggerConfig, cfg, "logger")
+        )
         self._run = None
         self.run_id = resume_id
-        self.group = cfg.get("group") or group
-        self.log_checkpoints = bool(cfg.get("log_checkpoints", False))
-        self.example_images = int(cfg.get("example_images") or 0)
+        self.group = logger.group or group
+        self.log_checkpoints = logger.log_checkpoints
+        self.example_images = logger.example_images
         try:
             import wandb
 
             self._wandb = wandb
-            wandb_dir = Path(cfg.get("dir") or run_dir)
+            wandb_dir = Path(logger.dir or run_dir)
             wandb_dir.mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("WANDB_SILENT", "true")
             self._run = wandb.init(
-                project=cfg.get("project") or "robust-train",
-                entity=cfg.get("entity"),
-                mode=cfg.get("mode") or "offline",
+                project=logger.project,
+                entity=logger.entity,
+                mode=logger.mode,
                 dir=str(wandb_dir),
                 name=name,
                 group=self.group,
-                job_type=cfg.get("job_type") or "train",
-                tags=[str(t) for t in (list(cfg.get("tags") or []) + tags)],
+                job_type=logger.job_type or "train",
+                tags=[str(t) for t in (list(logger.tags) + tags)],
                 config=config,
                 id=resume_id,
                 resume="allow" if resume_id else None,
@@ -110,7 +144,8 @@ class WandbTracker(Tracker):
         if self._run is None:
             return
         try:
-            self._run.log({key: self._wandb.Table(columns=columns, data=rows)})
+            cols: list[str | int] = [*columns]  # wandb's annotation; the names are strings
+            self._run.log({key: self._wandb.Table(columns=cols, data=rows)})
         except Exception as err:
             self._fail(err)
 
@@ -152,8 +187,8 @@ class WandbTracker(Tracker):
             return
         try:
             rows = example_rows(model, attacks, x_uint8[: self.example_images], y[: self.example_images])
-            columns = ["checkpoint", "attack", "index", "label", "clean", "clean_pred", "adversarial",
-                       "adv_pred", "correct", "linf"]  # fmt: skip
+            columns: list[str | int] = ["checkpoint", "attack", "index", "label", "clean", "clean_pred",
+                                        "adversarial", "adv_pred", "correct", "linf"]  # fmt: skip
             image = self._wandb.Image
             data = [
                 [checkpoint, r["attack"], r["index"], r["label"], image(r["clean"]), r["clean_pred"],

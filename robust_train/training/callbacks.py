@@ -16,7 +16,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,19 +25,64 @@ from torch import nn
 
 from robust_train.addons.iseat_analysis import av_statistics, margin_along_direction
 from robust_train.attacks import PGD, ThreatModel, attack_mode
-from robust_train.config import resolve_step, to_float
 from robust_train.data import DataBundle
 from robust_train.data import to_float as images_to_float
 from robust_train.errors import ConfigError
 from robust_train.io import atomic_write
+from robust_train.schema import (
+    Flag,
+    NonNegativeInt,
+    PositiveInt,
+    PositiveNumber,
+    Schema,
+    Step,
+    resolve_step,
+    validate_node,
+)
 
-TRACK_SPLITS = ("train", "val")
-RANDOM_STARTS = ("none", "uniform", "normal")
 # Offset of the subset / attack-start generator's seed from the run seed (its own stream: tracking on
 # or off leaves the training RNG streams unchanged).
 TRACKING_SEED_OFFSET = 2_000_029
 # Per-example arrays saved each tracked epoch, shape (epochs, n_examples).
 PER_EXAMPLE = ("clean_loss", "adv_loss", "clean_correct", "robust_correct")
+
+
+class TrackingAttackConfig(Schema):
+    """`trainer.instance_tracking.attack`: PGD10, zero start, step eps/4, eval-mode BN
+    (docs/methods/iseat.md#analysis); PGD50 for Table 1."""
+
+    steps: PositiveInt = 10
+    step_size: Step | None = None  # null: eps/4
+    random_start: Literal["none", "uniform", "normal"] = "none"
+
+
+class TrackingMarginConfig(Schema):
+    """`trainer.instance_tracking.margin`: disordered robustness, the margin along each example's PGD
+    direction (Eq. 6) for the first `n_examples` tracked examples (0 disables)."""
+
+    n_examples: NonNegativeInt = 100
+    mu_max: PositiveNumber = 50.0
+    grid_step: PositiveNumber = 0.1
+
+    def check(self, path: str) -> list[str]:
+        problems = super().check(path)
+        if self.grid_step > self.mu_max:
+            problems.append(
+                f"{path} needs 0 < grid_step <= mu_max, got grid_step={self.grid_step}, mu_max={self.mu_max}"
+            )
+        return problems
+
+
+class InstanceTrackingConfig(Schema):
+    """`trainer.instance_tracking` (off by default): which examples are tracked, how often, how attacked."""
+
+    enabled: Flag = False
+    every: PositiveInt = 1  # track every N epochs (and the last)
+    split: Literal["train", "val"] = "train"  # train: un-augmented training images, as ISEAT
+    n_examples: PositiveInt | None = 500  # a seeded random subset; null: the whole split
+    batch_size: PositiveInt = 256
+    attack: TrackingAttackConfig = TrackingAttackConfig()
+    margin: TrackingMarginConfig = TrackingMarginConfig()
 
 
 def robustness_transitions(robust: np.ndarray) -> dict[str, np.ndarray]:
@@ -91,18 +136,6 @@ def _av_stats(av: np.ndarray) -> dict[str, float]:
             "av_high_pct": st["high_pct"], "av_low_pct": st["low_pct"]}  # fmt: skip
 
 
-def _int(node: Mapping[str, Any], key: str, lo: int, optional: bool = False) -> int | None:
-    value = node.get(key)
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < lo:
-        raise ConfigError(
-            f"trainer.instance_tracking.{key}={value!r} must be an integer >= {lo}"
-            + (" or null" if optional else "")
-        )
-    return int(value)
-
-
 class InstanceTracking:
     """Instance-wise robustness of a fixed example subset across epochs (docs/methods/iseat.md#analysis)."""
 
@@ -112,55 +145,37 @@ class InstanceTracking:
     def __init__(
         self, node: Mapping[str, Any], run_dir: Path, data: DataBundle, threat: ThreatModel, seed: int
     ):
+        cfg = validate_node(InstanceTrackingConfig, node, "trainer.instance_tracking")
         self.run_dir = Path(run_dir)
-        self.every = _int(node, "every", 1)
-        self.split = node.get("split", "train")
-        if self.split not in TRACK_SPLITS:
-            raise ConfigError(
-                f"trainer.instance_tracking.split={self.split!r} is not allowed; "
-                f"choose one of: {', '.join(TRACK_SPLITS)}"
-            )
-        self.batch_size = _int(node, "batch_size", 1)
+        self.every = cfg.every
+        self.split = cfg.split
+        self.batch_size = cfg.batch_size
         x_all, y_all = (data.train_x, data.train_y) if self.split == "train" else (data.val_x, data.val_y)
         if x_all.shape[0] == 0:
             raise ConfigError(
                 f"trainer.instance_tracking.split={self.split} is empty; choose the other split"
             )
-        n = _int(node, "n_examples", 1, optional=True) or x_all.shape[0]
+        n = cfg.n_examples or x_all.shape[0]
         gen = torch.Generator().manual_seed(int(seed) + TRACKING_SEED_OFFSET)
         # A seeded random subset (datasets may be stored sorted by class), kept in index order.
         self.indices = torch.randperm(x_all.shape[0], generator=gen)[: min(n, x_all.shape[0])].sort().values
         idx = self.indices.to(x_all.device)
         self.x, self.y = x_all[idx], y_all[idx]  # un-augmented (docs/methods/iseat.md#analysis)
-        att = node.get("attack") or {}
-        random_start = str(att.get("random_start") or "none")
-        if random_start not in RANDOM_STARTS:
-            raise ConfigError(
-                f"trainer.instance_tracking.attack.random_start={random_start!r} is not allowed; "
-                f"choose one of: {', '.join(RANDOM_STARTS)}"
-            )
-        steps = _int(att, "steps", 1) if "steps" in att else 10
-        step = att.get("step_size")
+        att = cfg.attack
         # Default PGD10, zero start, alpha = eps/4, eval-mode BN: deterministic
         # (docs/methods/iseat.md#analysis).
         step_size = (
             threat.eps / 4
-            if step is None
-            else resolve_step(step, threat.eps, "trainer.instance_tracking.attack.step_size")
+            if att.step_size is None
+            else resolve_step(att.step_size, threat.eps, "trainer.instance_tracking.attack.step_size")
         )
         attack_gen = torch.Generator(device=x_all.device)
         attack_gen.manual_seed(int(seed) + TRACKING_SEED_OFFSET)
-        self.attack = PGD(threat, steps=steps, step_size=step_size, random_start=random_start,
+        self.attack = PGD(threat, steps=att.steps, step_size=step_size, random_start=att.random_start,
                           bn_mode="eval", generator=attack_gen)  # fmt: skip
-        margin = node.get("margin") or {}
-        self.margin_n = min(_int(margin, "n_examples", 0) if "n_examples" in margin else 0, self.x.shape[0])
-        self.mu_max = to_float(margin.get("mu_max", 50.0), "trainer.instance_tracking.margin.mu_max")
-        self.grid_step = to_float(margin.get("grid_step", 0.1), "trainer.instance_tracking.margin.grid_step")
-        if not (self.mu_max > 0 and 0 < self.grid_step <= self.mu_max):
-            raise ConfigError(
-                "trainer.instance_tracking.margin needs 0 < grid_step <= mu_max, got "
-                f"grid_step={self.grid_step}, mu_max={self.mu_max}"
-            )
+        self.margin_n = min(cfg.margin.n_examples, self.x.shape[0])
+        self.mu_max = cfg.margin.mu_max
+        self.grid_step = cfg.margin.grid_step
         self.epochs: list[int] = []
         self.arrays: dict[str, list[np.ndarray]] = {k: [] for k in (*PER_EXAMPLE, "margin", "margin_budget")}
         self._loaded = False
@@ -232,8 +247,8 @@ class InstanceTracking:
 
     # ------------------------------------------------------------------ persistence
     def save(self) -> None:
-        data = {"epochs": np.asarray(self.epochs, dtype=np.int64), "indices": self.indices.numpy(),
-                "split": np.asarray(self.split)}  # fmt: skip
+        data: dict[str, Any] = {"epochs": np.asarray(self.epochs, dtype=np.int64),
+                                "indices": self.indices.numpy(), "split": np.asarray(self.split)}  # fmt: skip
         for k, rows in self.arrays.items():
             if rows:
                 data[k] = np.stack(rows)

@@ -9,19 +9,48 @@ robustness).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BeforeValidator
 from torch import nn
 
-from robust_train.errors import ConfigError
+from robust_train.schema import Schema, validate_node
 
 KNOBS = ("amp", "channels_last", "compile", "fused_sgd")
 KNOB_VALUES = ("auto", "true", "false")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _knob(value: Any) -> Any:
+    """auto | true | false; YAML gives booleans for true/false, the command line may give strings."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in KNOB_VALUES:
+        raise ValueError(f"is not allowed; choose one of: {', '.join(KNOB_VALUES)}")
+    return "auto" if text == "auto" else text == "true"
+
+
+Knob = Annotated[bool | Literal["auto"], BeforeValidator(_knob)]
+
+
+class FastConfig(Schema):
+    """`trainer.fast`: each knob auto | true | false; auto = on for CUDA (compile: never)."""
+
+    amp: Knob = "auto"  # bf16 autocast for the training forwards and the attack inside a step
+    channels_last: Knob = "auto"  # model and batches in channels_last memory format
+    compile: Knob = False  # torch.compile the model in place (minutes of warm-up)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "default"
+    )
+    fused_sgd: Knob = "auto"  # fused SGD kernel (foreach where fused is unsupported)
+
+
 # `auto` turns these knobs on for these device types.
 _AUTO_ON: dict[str, tuple[str, ...]] = {
     "amp": ("cuda",),
@@ -32,18 +61,10 @@ _AUTO_ON: dict[str, tuple[str, ...]] = {
 
 
 def knob_value(node: Any, key: str) -> str:
-    """`trainer.fast.<key>` as one of auto/true/false (YAML gives booleans for true/false)."""
-    value = node.get(key, "auto") if node is not None else "auto"
-    if value is None:
-        value = "auto"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value).strip().lower()
-    if text not in KNOB_VALUES:
-        raise ConfigError(
-            f"trainer.fast.{key}={value!r} is not allowed; choose one of: {', '.join(KNOB_VALUES)}"
-        )
-    return text
+    """`trainer.fast.<key>` as one of auto/true/false (an absent node: every knob at its default)."""
+    cfg = node if isinstance(node, FastConfig) else validate_node(FastConfig, node, "trainer.fast")
+    value = getattr(cfg, key)
+    return value if value == "auto" else ("true" if value else "false")
 
 
 @dataclass(frozen=True)
@@ -59,18 +80,22 @@ class FastPath:
     amp_dtype: torch.dtype = torch.bfloat16
 
     @classmethod
-    def from_config(cls, node: Mapping[str, Any] | None, device: torch.device | str) -> FastPath:
+    def from_config(cls, node: Any, device: torch.device | str) -> FastPath:
         """Resolve `trainer.fast` (a missing node means every knob `auto`) for `device`."""
+        cfg = node if isinstance(node, FastConfig) else validate_node(FastConfig, node, "trainer.fast")
         device_type = torch.device(device).type
         on: dict[str, bool] = {}
         for key in KNOBS:
-            value = knob_value(node, key)
-            on[key] = device_type in _AUTO_ON[key] if value == "auto" else value == "true"
-        mode = str((node.get("compile_mode") if node is not None else None) or "default")
-        if mode not in COMPILE_MODES:
-            allowed = ", ".join(COMPILE_MODES)
-            raise ConfigError(f"trainer.fast.compile_mode={mode!r} is not allowed; choose one of: {allowed}")
-        return cls(device_type=device_type, compile_mode=mode, **on)
+            value = getattr(cfg, key)
+            on[key] = device_type in _AUTO_ON[key] if value == "auto" else bool(value)
+        return cls(
+            device_type=device_type,
+            amp=on["amp"],
+            channels_last=on["channels_last"],
+            compile=on["compile"],
+            compile_mode=cfg.compile_mode,
+            fused_sgd=on["fused_sgd"],
+        )
 
     def describe(self) -> dict[str, Any]:
         """The resolved switches, for logs and benchmark output."""
@@ -136,7 +161,12 @@ def build_sgd(
     Without fused support it falls back to the multi-tensor (foreach) implementation, the next fastest.
     """
     params = list(params)
-    kwargs = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay}
+    kwargs: dict[str, Any] = {
+        "lr": lr,
+        "momentum": momentum,
+        "nesterov": nesterov,
+        "weight_decay": weight_decay,
+    }
     if not fused:
         return torch.optim.SGD(params, **kwargs)
     try:

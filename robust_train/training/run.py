@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,9 +20,7 @@ from robust_train.data import DataBundle, build_dataset
 from robust_train.defenses import build_defense
 from robust_train.errors import CheckpointError
 from robust_train.evaluation.analysis import format_gap, suite_gap
-from robust_train.evaluation.sanity import run_sanity_checks, sanity_settings
-from robust_train.evaluation.sanity import summary_values as sanity_summary
-from robust_train.evaluation.suite import build_suite, run_suite
+from robust_train.evaluation.evaluate import EvalSetup, evaluate_model, log_evaluation
 from robust_train.models import check_state_dict_compatible
 from robust_train.tracking.checkpoint import load_checkpoint, resumable_checkpoint, seed_everything
 from robust_train.tracking.results import format_table, new_results, read_results, write_results
@@ -68,16 +66,13 @@ def evaluate_checkpoints(
     tracker: Tracker,
 ) -> dict[str, Any]:
     """The eval suite on the test set for each checkpoint kind in `eval.checkpoints` (best, last)."""
-    ev = cfg.eval
-    attacks = build_suite(ev, threat)
-    n = ev.get("n_examples")
-    x, y = data.test_x, data.test_y
-    if n:
-        x, y = x[: int(n)], y[: int(n)]
-    out: dict[str, Any] = {"suite": ev.get("name"), "n_examples": int(x.shape[0])}
-    progress = bool(cfg.trainer.get("progress", True))
+    setup = EvalSetup.from_config(
+        cfg.eval, threat, data, int(cfg.seed), addons=trainer.addons, state_dir=trainer.run_dir,
+        progress=bool(cfg.trainer.get("progress", True)), tracker=tracker,
+    )  # fmt: skip
+    out: dict[str, Any] = setup.header()
     evaluated: dict[int, str] = {}  # epoch -> the checkpoint kind already evaluated at that epoch
-    for kind in ev.get("checkpoints") or ["last"]:
+    for kind in cfg.eval.get("checkpoints") or ["last"]:
         path = trainer.run_dir / f"{kind}.pt"
         if not resumable_checkpoint(path):
             continue
@@ -88,40 +83,11 @@ def evaluate_checkpoints(
             out[kind] = {**out[evaluated[epoch]], "checkpoint": str(path), "same_as": evaluated[epoch]}
             continue
         trainer.model.load_state_dict(state["model"])
-        model = trainer.model
-        for addon in trainer.addons:
-            model = addon.wrap_for_eval(model)
-        out[kind] = {
-            "epoch": epoch,
-            "checkpoint": str(path),
-            "attacks": run_suite(
-                model, attacks, x, y, int(ev.batch_size), progress, kind, state_dir=trainer.run_dir
-            ),
-        }
-        if sanity_settings(ev.get("sanity"))["enabled"]:
-            # Budgeted checks for gradient masking and weak attacks (flags in results.json and W&B).
-            out[kind]["sanity"] = run_sanity_checks(
-                model, x, y, threat, ev.get("sanity"), out[kind]["attacks"], int(cfg.seed)
-            )
-            tracker.summary(sanity_summary(kind, out[kind]["sanity"]))
+        # Example images go to W&B for the first evaluated checkpoint only.
+        out[kind] = evaluate_model(setup, trainer.model, kind, epoch, path, examples=not evaluated)
         evaluated[epoch] = kind
-        if len(evaluated) == 1:  # W&B table of example images (logger.example_images) for one checkpoint
-            tracker.log_examples("eval/examples", model, attacks, x, y, kind)
     # Leave the model as the run ended.
     trainer.model.load_state_dict(load_checkpoint(trainer.run_dir / "last.pt", fallback=True)["model"])
-    rows = [
-        [kind, entry["epoch"], name, a["accuracy"], a["n"], a["time_s"]]
-        for kind, entry in out.items()
-        if isinstance(entry, dict)
-        for name, a in entry["attacks"].items()
-    ]
-    tracker.log_table("eval/results", ["checkpoint", "epoch", "attack", "accuracy", "n", "time_s"], rows)
-    tracker.summary(
-        {f"eval/{row[0]}/{row[2]}": row[3] for row in rows}
-        | {f"eval/{row[0]}/{row[2]}/time_s": row[5] for row in rows}  # per-attack evaluation time
-        | {f"eval_epoch/{row[0]}": row[1] for row in rows}
-        | {"eval/n_examples": out["n_examples"]}
-    )
     return out
 
 
@@ -134,7 +100,7 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
     seed = int(cfg.seed)
     # The checkpoint keeps the config as written (eps/4 stays relative, so robust-eval at another eps
     # rescales it); results.json and W&B get the numbers each attack used.
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     numbers = numeric_config(config)
 
     resume_state = None
@@ -210,7 +176,7 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
         gap = suite_gap(results["eval"])
         if gap is not None:
             results["eval"]["gap"] = gap  # robust overfitting: best minus last, per attack
-            tracker.summary({f"eval/gap/{k}": v for k, v in gap.items()})
+        log_evaluation(tracker, results["eval"])
         write_results(results, results_path)
     except BaseException as err:
         if isinstance(err, SystemExit):

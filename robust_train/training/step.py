@@ -1,5 +1,11 @@
 """One training step: the base defense plus add-ons, composed in the fixed order of `addons/base.py`.
 
+The step knows no method by name. Weight perturbations come from one list of contributors with one
+hook (`weight_perturbation(model, x, y, x_adv, base_loss)`): the defense's own (AWP) first, then the
+add-ons'. The outer loss is the base's `StepLoss` (named, weighted terms) plus, add-on by add-on in
+config order, each add-on's items: a tensor is added as a term, a `Reweight` changes the weight of one
+of the base's terms; both are logged as `<add-on>/<key>` with the amount they added.
+
 The step never reads a value back to the host: it returns detached device tensors that the trainer
 accumulates and reads once per logging interval.
 
@@ -21,8 +27,8 @@ from robust_train.addons.base import Addon
 from robust_train.attacks import Objective
 from robust_train.defenses.base import Defense
 from robust_train.models.features import forward_with_features
+from robust_train.step_types import CleanReference, Reweight, StepForwards
 from robust_train.training.fastpath import FastPath
-from robust_train.training.forwards import CleanReference, StepForwards
 
 
 class TrainStep:
@@ -84,25 +90,26 @@ class TrainStep:
         fast = self.fast
 
         def base_loss(module: nn.Module) -> torch.Tensor:
+            # A perturbation search's forwards (AWP's proxy): not the outer step's (outer_step=False).
             with fast.autocast():
                 out = StepForwards(module, x, y, x_adv, self.layers, contexts)
-                return fast.full_precision(self.defense.outer_loss(out).loss)
+                return fast.full_precision(self.defense.outer_loss(out).total())
 
+        perturbations = [*self.defense.weight_perturbations(), *self.addons]
         with ExitStack() as stack:
             with fast.autocast():
                 # Weight perturbations are entered under autocast because their own forwards (proxy
                 # losses, ISEAT's references) are training forwards; the gradients they take inside run
                 # in the dtypes those forwards saved. They stay open through backward and the update.
-                if self.defense.awp is not None:
-                    stack.enter_context(self.defense.awp.weight_perturbation(self.model, base_loss))
-                for addon in self.addons:
-                    stack.enter_context(addon.weight_perturbation(self.model, x, y, x_adv, base_loss))
-                out = StepForwards(self.model, x, y, x_adv, self.layers, contexts)
+                for contributor in perturbations:
+                    stack.enter_context(contributor.weight_perturbation(self.model, x, y, x_adv, base_loss))
+                out = StepForwards(self.model, x, y, x_adv, self.layers, contexts, outer_step=True)
                 result = self.defense.outer_loss(out)
-                loss = result.loss
-                terms = dict(result.terms)
+                loss = result.total()
+                terms = result.logged()
                 for addon in self.addons:
-                    for key, term in addon.outer_loss(out, result).items():
+                    for key, item in addon.outer_loss(out, result).items():
+                        term = result.contribution(item) if isinstance(item, Reweight) else item
                         loss = loss + term
                         terms[f"{addon.name}/{key}"] = term.detach()
                 loss = fast.full_precision(loss)

@@ -7,29 +7,113 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm import tqdm
 
 from robust_train.addons.base import Addon
 from robust_train.attacks import PGD, Clean, ThreatModel
-from robust_train.config import resolve_step, to_float
-from robust_train.data import DataBundle, augment_batch, batch_indices
+from robust_train.data import DataBundle, augment_batch, batch_indices, check_dataset
 from robust_train.defenses.base import Defense
-from robust_train.errors import NumericalError
+from robust_train.errors import ConfigError, NumericalError
 from robust_train.evaluation.suite import evaluate_accuracy
+from robust_train.registry import NODE_SCHEMAS
+from robust_train.schema import (
+    Flag,
+    NonNegativeInt,
+    NonNegativeNumber,
+    PositiveInt,
+    PositiveNumber,
+    Schema,
+    ThreatConfig,
+    UnitNumber,
+    raise_problems,
+    resolve_step,
+    validate_node,
+)
 from robust_train.tracking.checkpoint import rng_state, save_checkpoint, set_rng_state
 from robust_train.tracking.wandb_run import Tracker
-from robust_train.training.fastpath import FastPath
-from robust_train.training.schedule import lr_at
-from robust_train.training.signals import DEFAULT_SIGNALS, StopSignals
+from robust_train.training.callbacks import InstanceTrackingConfig
+from robust_train.training.fastpath import FastConfig, FastPath
+from robust_train.training.schedule import ScheduleConfig, lr_at
+from robust_train.training.signals import DEFAULT_SIGNALS, StopSignals, parse_signals
 from robust_train.training.step import TrainStep
 
 # Offset of the data-order/augmentation generator's seed from the run seed, so it never shares a
 # stream with the global generator that initializes weights and draws attack starts.
 DATA_SEED_OFFSET = 1_000_003
+
+
+class OptimizerConfig(Schema):
+    """`trainer.optimizer`: SGD with momentum, optional Nesterov, weight decay on every parameter."""
+
+    lr: PositiveNumber = 0.1
+    momentum: UnitNumber = 0.9
+    nesterov: Flag = False
+    weight_decay: NonNegativeNumber = 5.0e-4
+
+    def check(self, path: str) -> list[str]:
+        problems = super().check(path)
+        if self.nesterov and not self.momentum > 0:
+            problems.append(f"{path}.nesterov=true needs {path}.momentum > 0")
+        return problems
+
+
+class ValidationConfig(Schema):
+    """`trainer.validation`: clean and PGD accuracy on the held-out split after every `every` epochs."""
+
+    every: PositiveInt = 1
+    pgd_steps: NonNegativeInt = 10
+    max_examples: PositiveInt | None = None  # null: the whole validation split
+    batch_size: PositiveInt = 256
+
+
+class NanConfig(Schema):
+    """`trainer.nan`: a non-finite loss, or a term above max_term in magnitude, stops the run (checked
+    every log_every steps); `skip` drops batches with non-finite gradients, at most max_skips of them."""
+
+    policy: Literal["stop", "skip"] = "stop"
+    max_skips: NonNegativeInt = 0
+    max_term: PositiveNumber = 1.0e6
+
+
+class TrainerConfig(Schema):
+    """The `trainer` node: the recipe (docs/methods/README.md#training-recipe) and the loop's settings."""
+
+    epochs: PositiveInt = 200
+    batch_size: PositiveInt = 128
+    drop_last: Flag = False  # drop the last partial batch of every epoch (the reference codes keep it)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    validation: ValidationConfig = ValidationConfig()
+    max_batches: PositiveInt | None = None  # stop each epoch after this many batches (debugging)
+    log_every: PositiveInt = 20  # read metrics from the device every N steps (and refresh the bar)
+    progress: Flag = True
+    resume: Flag = True  # resume from <run dir>/last.pt when it exists
+    instance_tracking: InstanceTrackingConfig = InstanceTrackingConfig()
+    fast: FastConfig = FastConfig()
+    nan: NanConfig = NanConfig()
+    # Signals that write a mid-epoch last.pt at the next step boundary, then chain to the previously
+    # installed handler (e.g. submitit's requeue) or exit with code 75; rerun in the same dir to resume.
+    stop_signals: list[str | int] = Field(default_factory=lambda: _default_signals())
+
+    def check(self, path: str) -> list[str]:
+        problems = super().check(path)
+        try:
+            parse_signals(self.stop_signals, f"{path}.stop_signals")
+        except ConfigError as err:
+            problems.append(str(err))
+        return problems
+
+
+NODE_SCHEMAS["trainer"] = TrainerConfig
+
+
+def _default_signals() -> list[str | int]:
+    return list(DEFAULT_SIGNALS)
 
 
 class Trainer:
@@ -51,7 +135,12 @@ class Trainer:
         callbacks: Sequence[Any] = (),
     ) -> None:
         self.cfg = cfg
-        self.tcfg = cfg.trainer
+        self.tcfg = validate_node(TrainerConfig, cfg.trainer, "trainer")
+        dcfg, problems = check_dataset(cfg.dataset)
+        raise_problems(problems)
+        assert dcfg is not None
+        self.dcfg = dcfg
+        threat_cfg = validate_node(ThreatConfig, cfg.threat, "threat")
         self.run_dir = Path(run_dir)
         self.data = data
         self.model = model
@@ -66,33 +155,32 @@ class Trainer:
         # run before the checkpoint so their metrics land in the history, W&B and last.pt.
         self.callbacks = list(callbacks)
         self.device = data.train_x.device
-        fast = FastPath.from_config(self.tcfg.get("fast"), self.device)  # trainer.fast (DESIGN.md §6)
+        fast = FastPath.from_config(self.tcfg.fast, self.device)  # trainer.fast (DESIGN.md §6)
         self.step = TrainStep(model, defense, optimizer, self.addons, fast)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(cfg.seed) + DATA_SEED_OFFSET)
-        self.base_lr = to_float(self.tcfg.optimizer.lr, "trainer.optimizer.lr")
-        self.epochs = int(self.tcfg.epochs)
+        self.base_lr = self.tcfg.optimizer.lr
+        self.epochs = self.tcfg.epochs
         self.epoch = 0  # epochs completed
         self.best: dict[str, Any] = {"epoch": None, "val_robust_acc": None}
         self.history: list[dict[str, Any]] = []
         # Numerical faults (trainer.nan): stop (default) or skip the batch up to max_skips times.
-        nan = self.tcfg.get("nan") or {}
-        self.nan_policy = str(nan.get("policy", "stop"))
-        self.max_skips = int(nan.get("max_skips", 0))
-        self.max_term = to_float(nan.get("max_term", 1.0e6), "trainer.nan.max_term")
+        self.nan_policy = self.tcfg.nan.policy
+        self.max_skips = self.tcfg.nan.max_skips
+        self.max_term = self.tcfg.nan.max_term
         self.skipped_steps: list[dict[str, Any]] = []
         self._skipped_now = False
         # Preemption signals (trainer.stop_signals): checkpoint at the next step boundary.
-        self.stop_signals = list(self.tcfg.get("stop_signals", DEFAULT_SIGNALS) or [])
+        self.stop_signals = list(self.tcfg.stop_signals)
         self.signals: StopSignals | None = None
         self._resume: dict[str, Any] | None = None  # a mid-epoch checkpoint to continue from
         val = self.tcfg.validation
-        self.val_attacks = {
+        self.val_attacks: dict[str, Any] = {
             "clean": Clean(),
             "pgd": PGD(
                 threat,
-                steps=int(val.pgd_steps),
-                step_size=resolve_step(cfg.threat.step, threat.eps, "threat.step"),
+                steps=val.pgd_steps,
+                step_size=resolve_step(threat_cfg.step, threat.eps, "threat.step"),
                 restarts=1,
                 random_start="uniform",
                 bn_mode="eval",
@@ -182,7 +270,7 @@ class Trainer:
         record = {"epoch": epoch + 1, **stats}
         for addon in self.addons:
             record.update({f"train/{k}" if "/" not in k else k: v for k, v in addon.epoch_metrics().items()})
-        if (epoch + 1) % int(self.tcfg.validation.every) == 0 or epoch + 1 == self.epochs:
+        if (epoch + 1) % self.tcfg.validation.every == 0 or epoch + 1 == self.epochs:
             record.update(self.validate())
         for callback in self.callbacks:
             record.update(callback.on_epoch_end(self, epoch + 1))
@@ -241,12 +329,11 @@ class Trainer:
             handle.remove()
 
     def _batches(self, n: int) -> list[torch.Tensor]:
-        drop_last = bool(self.tcfg.get("drop_last", False))
         idx = batch_indices(
-            n, int(self.tcfg.batch_size), shuffle=True, generator=self.generator, drop_last=drop_last
+            n, self.tcfg.batch_size, shuffle=True, generator=self.generator, drop_last=self.tcfg.drop_last
         )
-        limit = self.tcfg.get("max_batches")
-        return idx[: int(limit)] if limit else idx
+        limit = self.tcfg.max_batches
+        return idx[:limit] if limit else idx
 
     def _skip_step(self, epoch: int, i: int, n_batches: int, metrics: dict[str, torch.Tensor]) -> None:
         terms = {k: float(v) for k, v in metrics.items() if k != "correct"}
@@ -266,8 +353,8 @@ class Trainer:
         )
 
     def train_epoch(self, epoch: int, mid: dict[str, Any] | None = None) -> dict[str, Any]:
-        data, ds = self.data, self.cfg.dataset
-        log_every = int(self.tcfg.log_every)
+        data, ds = self.data, self.dcfg
+        log_every = self.tcfg.log_every
         if mid is None:
             batches = self._batches(data.train_x.shape[0])
             first = 0
@@ -289,7 +376,7 @@ class Trainer:
             total=n_batches,
             initial=first,
             desc=f"epoch {epoch + 1}/{self.epochs}",
-            disable=not self.tcfg.get("progress", True),
+            disable=not self.tcfg.progress,
             unit="batch",
             dynamic_ncols=True,
             leave=False,
@@ -303,9 +390,9 @@ class Trainer:
                 group["lr"] = lr
             x = augment_batch(
                 data.train_x[idx],
-                pad=int(ds.get("crop_pad", 4)),
-                flip=bool(ds.get("flip", True)),
-                padding_mode=str(ds.get("padding_mode", "zero")),
+                pad=ds.crop_pad,
+                flip=ds.flip,
+                padding_mode=ds.padding_mode,
                 generator=self.generator,
             )
             y = data.train_y[idx]
@@ -369,13 +456,13 @@ class Trainer:
     def validate(self) -> dict[str, Any]:
         """Clean and PGD accuracy on the held-out validation split (never the test set)."""
         val = self.tcfg.validation
-        limit = val.get("max_examples")
+        limit = val.max_examples
         x, y = self.data.val_x, self.data.val_y
         if limit:
-            x, y = x[: int(limit)], y[: int(limit)]
+            x, y = x[:limit], y[:limit]
         if x.shape[0] == 0:
             return {}
-        bs = int(val.batch_size)
+        bs = val.batch_size
         clean = evaluate_accuracy(self.model, self.val_attacks["clean"], x, y, bs)
         robust = evaluate_accuracy(self.model, self.val_attacks["pgd"], x, y, bs)
         return {
@@ -428,6 +515,7 @@ class NanGuard:
         bad = ~torch.isfinite(vals).all() | (vals.abs() > self.max_term).any()
         first = bad & ~self.bad
         self.first_step = torch.where(first, step, self.first_step)
+        assert self.values is not None  # set with the keys on the first update
         self.values = torch.where(first, vals, self.values)
         self.bad = self.bad | bad
 

@@ -17,6 +17,7 @@ from torch import nn
 from robust_train.addons import AddonContext
 from robust_train.addons.iseat import (
     ISEAT,
+    ISEATConfig,
     instance_weights,
     logit_distance,
     rank_weights,
@@ -29,7 +30,8 @@ from robust_train.builders import model_from_config, threat_from_config
 from robust_train.config import validate_train_config
 from robust_train.defenses import build_defense, perturbed_parameter_names
 from robust_train.errors import ConfigError
-from robust_train.training.forwards import StepForwards
+from robust_train.schema import plain
+from robust_train.step_types import StepForwards
 from robust_train.training.run import train_run
 from robust_train.training.schedule import lr_at
 from robust_train.training.step import TrainStep
@@ -44,7 +46,7 @@ EPS, ALPHA, K = 8 / 255, 2 / 255, 3
 def _defense(
     name: str = "pgd_at", start: str = "none", bn_mode: str = "train", awp_gamma: float | None = None
 ):
-    node = {"name": name, "beta": 6.0,
+    node = {"name": name, **({"beta": 6.0} if name in ("trades", "mart") else {}),
             "attack": {"name": "pgd", "steps": K, "step": ALPHA, "restarts": 1, "random_start": start,
                        "bn_mode": bn_mode}}  # fmt: skip
     if awp_gamma is not None:
@@ -53,7 +55,7 @@ def _defense(
 
 
 def _iseat(model: nn.Module, defense, milestones=(), **overrides) -> ISEAT:
-    cfg = OmegaConf.merge(OmegaConf.load(CONF / "addons" / "iseat.yaml"), OmegaConf.create(overrides))
+    cfg = OmegaConf.merge(OmegaConf.create(plain(ISEATConfig())), OmegaConf.create(overrides))
     run = OmegaConf.create({"trainer": {"schedule": {"name": "piecewise", "milestones": list(milestones)}}})
     ctx = AddonContext(cfg=run, model=model, defense=defense, threat=defense.threat, num_classes=10, seed=0)
     return ISEAT(cfg, ctx)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -13,19 +14,23 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from robust_train.addons import build_addons, check_addons
+from robust_train.addons import build_addons, check_addon, check_addons
 from robust_train.addons.base import AddonContext
-from robust_train.addons.lad import EVAL_NOISE_SEED_OFFSET, LAD
-from robust_train.addons.lad_ops import NoisyEnsemble, SiteNoise, perturbation_hooks, site_modules
+from robust_train.addons.lad import EVAL_NOISE_SEED_OFFSET, LAD, LADConfig
+from robust_train.addons.lad_ops import NoisyEnsemble, SiteNoise, StateTap, perturbation_hooks, site_modules
 from robust_train.attacks import ThreatModel
 from robust_train.builders import model_from_config, optimizer_from_config, threat_from_config
 from robust_train.config import validate_train_config
 from robust_train.data import build_dataset
-from robust_train.defenses import build_defense
+from robust_train.defenses import DefenseConfig, build_defense
+from robust_train.defenses.base import Defense, pgd_training_attack
 from robust_train.defenses.losses import kl_clean_adv, mart_loss
 from robust_train.errors import ConfigError
 from robust_train.models.base import pool_flatten
 from robust_train.models.preact_resnet import PreActResNet
+from robust_train.registry import DEFENSES, Entry
+from robust_train.schema import plain
+from robust_train.step_types import LABEL, StepForwards, StepLoss, Term
 from robust_train.training.step import TrainStep
 
 CONF = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
@@ -52,13 +57,15 @@ def defense(name: str, awp: bool = False):
         start, bn = ("uniform", "train") if name == "pgd_at" else ("normal", "eval")
         attack = {"name": "pgd", "steps": STEPS, "step": ALPHA, "restarts": 1, "random_start": start,
                   "bn_mode": bn}  # fmt: skip
-    cfg = {"name": name, "attack": attack, "beta": 6.0, "awp": {"enabled": awp, "gamma": 0.01}}
+    cfg = {"name": name, "attack": attack, "awp": {"enabled": awp, "gamma": 0.01}}
+    if name in ("trades", "mart"):
+        cfg["beta"] = 6.0
     return build_defense(OmegaConf.create(cfg), ThreatModel("linf", EPS))
 
 
 def make_lad(model: nn.Module, base, seed: int = 0, **overrides) -> LAD:
-    """LAD with the shipped defaults (conf/addons/lad.yaml) and `overrides`."""
-    cfg = OmegaConf.merge(OmegaConf.load(CONF / "addons" / "lad.yaml"), OmegaConf.create(overrides))
+    """LAD with the shipped defaults (its schema's) and `overrides`."""
+    cfg = OmegaConf.merge(OmegaConf.create(plain(LADConfig())), OmegaConf.create(overrides))
     ctx = AddonContext(cfg=None, model=model, defense=base, threat=base.threat, num_classes=10, seed=seed)
     return LAD(cfg, ctx)
 
@@ -207,6 +214,61 @@ def test_lad_step_matches_the_hand_written_algorithm(data, name: str, scheme: st
     assert_same_state(model_a, model_b, exact=False)  # parameters and BN buffers (recording frozen)
 
 
+class _PairedConfig(DefenseConfig):
+    name: Literal["paired"] = "paired"
+    attack: dict[str, Any] | None = pgd_training_attack("uniform", "eval")
+
+
+class _Paired(Defense):
+    """A defense LAD knows only by its declarations: CE(f(x'), y) (the label term, with its function)
+    + 0.5 * mean ||f(x') - f(x)||^2, reading both branches."""
+
+    name = "paired"
+    train_branch = "adv"
+    label_branch = "adv"
+    outer_branches = ("adv", "clean")
+
+    def outer_loss(self, out: StepForwards) -> StepLoss:
+        z_clean, z_adv = out.logits("clean"), out.logits("adv")
+        ce = F.cross_entropy(z_adv, out.y)
+        pair = (z_adv - z_clean).pow(2).sum(1).mean()
+        terms = {"ce_adv": Term(ce, role=LABEL, fn=F.cross_entropy), "pairing": Term(pair, weight=0.5)}
+        return StepLoss(logits=z_adv, terms=terms)
+
+
+@pytest.mark.parametrize("eta", [0.0, 3.0])
+def test_lad_replaces_the_label_term_of_a_defense_it_does_not_know_by_name(data, monkeypatch, eta) -> None:
+    """The label term reads the training branch, which the pairing term reads too: LAD removes it and adds
+    its function on an extra LAD forward; the shared plain f(x') is the recording forward (as for MART)."""
+    monkeypatch.setitem(DEFENSES._entries, "paired", Entry("paired", _Paired, _PairedConfig, __name__))
+    x, y = data
+    node = {"name": "paired", "attack": {"name": "pgd", "steps": STEPS, "step": ALPHA, "bn_mode": "eval"}}
+    model_a = tiny_preact()
+    model_b = copy.deepcopy(model_a)
+    base_a, base_b = (build_defense(node, ThreatModel("linf", EPS)) for _ in range(2))
+    lad = make_lad(model_a, base_a, eta=eta)
+    assert not lad.in_place and lad._extra_branch_weight() == 1.0
+    torch.manual_seed(SEED)
+    metrics = TrainStep(model_a, base_a, sgd(model_a), [lad])(x, y)
+
+    torch.manual_seed(SEED)
+    x_adv = base_b.craft(model_b, x, y, base_b.inner_objective(x, y))
+    model_b.train()
+    opt = sgd(model_b)
+    lc = model_b(x)
+    a0, a_out, _, la = manual_adjoints(model_b, x_adv, y, freeze_bn=False)
+    loss = F.cross_entropy(la, y) + 0.5 * (la - lc).pow(2).sum(1).mean()
+    if eta > 0:
+        l_lad = manual_forward(model_b, x_adv, *manual_deltas(a0, a_out, eta, "lt"))[0]
+        loss = loss - F.cross_entropy(la, y) + F.cross_entropy(l_lad, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    torch.testing.assert_close(metrics["loss"], loss.detach(), rtol=0, atol=1e-10)
+    assert_same_state(model_a, model_b, exact=False)
+    assert ("lad/label_removed" in metrics) == (eta > 0)
+
+
 # ----------------------------------------------------------------- docs/methods/lad.md#tests
 def test_recorded_adjoints_equal_explicit_autograd_and_leave_bn_untouched(data) -> None:
     x, y = data
@@ -326,7 +388,8 @@ def test_no_leakage_after_a_step(data) -> None:
     TrainStep(model, base, sgd(model), [lad])(x, y)
     assert no_hooks_left(model)
     assert list(model.state_dict()) == keys
-    assert lad._tap is None and lad._armed is None
+    # Per-step state lives in the step's forwards, never on the add-on.
+    assert not any(isinstance(v, StateTap | StepForwards) for v in vars(lad).values())
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), manual_forward(model, x)[0], rtol=0, atol=1e-12)
@@ -427,7 +490,7 @@ def test_no_noise_when_disabled(data) -> None:
     model = tiny_preact().eval()
     lad = make_lad(model, defense("pgd_at"))
     assert lad.noise is None and lad.wrap_for_eval(model) is model
-    with torch.no_grad(), lad.forward_context(model, "adv", x):
+    with torch.no_grad(), lad.forward_context(StepForwards(model, x, None, x), "adv"):
         hooked = model(x)
     with torch.no_grad():
         assert torch.equal(hooked, model(x))
@@ -473,14 +536,14 @@ def test_state_dict_round_trip_restores_schedule_history_and_noise_stream(data) 
 
 
 def test_check_config_names_bad_keys_and_ranges() -> None:
-    good = OmegaConf.load(CONF / "addons" / "lad.yaml")
-    assert LAD.check_config(good, None) == []
+    good = OmegaConf.create(plain(LADConfig()))
+    assert check_addon("lad", good) == []
     bad = OmegaConf.merge(
         good,
         {"eta": -1.0, "scheme": "rk4", "iters": 3, "trades_gamma": 1.5, "loss_reduction": "max",
          "sites": [], "noise": {"eval_samples": 0, "scale_mode": "layer", "std": -0.1}},
     )  # fmt: skip
-    text = "\n".join(LAD.check_config(bad, None))
+    text = "\n".join(check_addon("lad", bad))
     for key, allowed in [
         ("addons.lad.eta=-1.0", "0 <= value"),
         ("addons.lad.scheme='rk4'", "lt, sm"),

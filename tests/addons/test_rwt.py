@@ -14,10 +14,11 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call, jvp
 
-from robust_train.addons import build_addons
+from robust_train.addons import build_addons, check_addon
 from robust_train.addons.base import AddonContext
 from robust_train.addons.rwt import (
     RWT,
+    RWTConfig,
     kl_soft,
     noise_parameter_names,
     offlabel_mass,
@@ -31,19 +32,20 @@ from robust_train.defenses import build_defense
 from robust_train.defenses.losses import kl_clean_adv
 from robust_train.errors import ConfigError
 from robust_train.models import build_model
-from robust_train.training.forwards import StepForwards
+from robust_train.schema import plain
+from robust_train.step_types import Reweight, StepForwards
 from robust_train.training.schedule import lr_at
 from robust_train.training.step import TrainStep
 
 REPO = Path(__file__).resolve().parents[2]
 EPS = 8 / 255
-DEFAULTS = OmegaConf.load(REPO / "robust_train" / "conf" / "addons" / "rwt.yaml")
+DEFAULTS = OmegaConf.create(plain(RWTConfig()))
 
 
 # --------------------------------------------------------------------------- helpers
 def _rwt(model: nn.Module, num_classes: int = 10, seed: int = 0, **over) -> RWT:
     cfg = OmegaConf.merge(DEFAULTS, over)
-    assert not RWT.check_config(cfg, None), RWT.check_config(cfg, None)
+    assert not check_addon("rwt", cfg), check_addon("rwt", cfg)
     ctx = AddonContext(cfg=None, model=model, defense=None, threat=ThreatModel("linf", EPS),
                        num_classes=num_classes, seed=seed)  # fmt: skip
     return RWT(cfg, ctx)
@@ -56,7 +58,7 @@ def _defense(name: str, awp: bool = False, norm: str = "linf", eps: float = EPS,
               "bn_mode": "eval" if trades_like else "train"}  # fmt: skip
     cfg = {
         "name": name,
-        "beta": 6.0,
+        **({"beta": 6.0} if trades_like else {}),
         "attack": attack,
         "awp": {"enabled": awp, "gamma": 5e-3, "warmup_epochs": 0},
     }
@@ -249,6 +251,11 @@ def test_noise_comes_from_its_own_generator_not_the_global_stream(data) -> None:
     assert not torch.equal(advs[0], advs[1])  # but the attack did run on w + u
 
 
+def _added(base, item):
+    """What an outer-loss item adds to the loss (a `Reweight` of the base's terms, or a term)."""
+    return base.contribution(item) if isinstance(item, Reweight) else item
+
+
 def _outer(model, addons, x, y, x_adv, name="trades"):
     model.train()
     out = StepForwards(model, x, y, x_adv, (), [a.forward_context for a in addons])
@@ -263,6 +270,7 @@ def test_order_one_drops_exactly_the_second_term(data) -> None:
     order2, order1 = _rwt(model, order=2), _rwt(model, order=1)
     _, base, (t2, t1) = _outer(model, [order2, order1], x, y, x_adv)
     assert set(t2) == {"label_scale", "first", "second"} and set(t1) == {"label_scale", "first"}
+    t1, t2 = ({k: _added(base, v) for k, v in t.items()} for t in (t1, t2))
     for key in t1:
         assert torch.equal(t1[key], t2[key])
     torch.testing.assert_close(t2["label_scale"], -0.2 * base.label_term)
@@ -277,7 +285,7 @@ def test_label_term_is_scaled_by_one_minus_eta(name, data) -> None:
     with_scale, without = _rwt(model, eta=0.3), _rwt(model, eta=0.3, scale_base_ce=False)
     _, base, (a, b) = _outer(model, [with_scale, without], x, y, x_adv, name)
     assert "label_scale" not in b and set(a) - set(b) == {"label_scale"}
-    total = base.loss + sum(a.values()) - sum(b.values())
+    total = base.loss + sum(_added(base, v) for v in a.values()) - sum(b.values())
     torch.testing.assert_close(total, base.loss - 0.3 * base.label_term, rtol=0, atol=1e-12)
 
 
@@ -335,7 +343,7 @@ def test_efficient_path_equals_the_reference_procedure(monkeypatch) -> None:
         addon = _rwt(m, eta=0.2, impl=impl)
         assert addon.final_layer == "fc"
         _, base, (terms,) = _outer(m, [addon], x, y, x_adv)
-        loss = base.loss + sum(terms.values())
+        loss = base.loss + sum(_added(base, v) for v in terms.values())
         results[impl] = (loss.detach(), torch.autograd.grad(loss, list(m.parameters())))
     ref_model = copy.deepcopy(model)
     ref_loss = _literal_rwt_trades(ref_model, x, x_adv, y, beta=6.0, eta=0.2, second_coef=0.5, c=0.8)
@@ -547,10 +555,10 @@ def test_bad_configs_are_refused_with_the_key_and_the_allowed_range(compose) -> 
         "addons.rwt.noise_std=-1 is out of range: allowed 0 <= value",
     ):
         assert expected in msg, msg
-    problems = RWT.check_config(OmegaConf.merge(DEFAULTS, {"variant": "fd_literal", "noise_std": 0.0}), None)
+    problems = check_addon("rwt", OmegaConf.merge(DEFAULTS, {"variant": "fd_literal", "noise_std": 0.0}))
     assert len(problems) == 1 and "addons.rwt.noise_std > 0" in problems[0]
-    problems = RWT.check_config(OmegaConf.merge(DEFAULTS, {"etta": 0.3}), None)
-    assert problems == [problems[0]] and "unknown key(s) etta" in problems[0]
+    problems = check_addon("rwt", OmegaConf.merge(DEFAULTS, {"etta": 0.3}))
+    assert problems == [problems[0]] and "addons.rwt.etta is not a known key" in problems[0]
 
     with pytest.raises(ConfigError, match="standard; supported: pgd_at, trades, mart"):
         validate_train_config(compose(["addons=[rwt]", "defense=standard"]))

@@ -17,7 +17,14 @@ from torch import nn
 
 from robust_train.addons import check_addons
 from robust_train.addons.base import AddonContext
-from robust_train.addons.sat import SAT, CodeGaussianStart, cluster_loss, default_taps, feature_shift
+from robust_train.addons.sat import (
+    SAT,
+    CodeGaussianStart,
+    SATConfig,
+    cluster_loss,
+    default_taps,
+    feature_shift,
+)
 from robust_train.addons.sat_metrics import class_centroids, clustering_accuracy, clustering_accuracy_report
 from robust_train.attacks import ThreatModel
 from robust_train.builders import model_from_config
@@ -25,6 +32,7 @@ from robust_train.config import validate_train_config
 from robust_train.defenses import build_defense
 from robust_train.errors import ConfigError
 from robust_train.models import build_model, capture_features, forward_with_features
+from robust_train.schema import plain
 from robust_train.training.run import train_run
 from robust_train.training.step import TrainStep
 
@@ -54,14 +62,15 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _defense(name: str, awp: bool = False, steps: int = STEPS):
     start = HOSTS[name]
-    node = {"name": name, "beta": 6.0, "awp": {"enabled": awp, "gamma": 0.01, "warmup_epochs": 0},
+    beta = {"beta": 6.0} if name in ("trades", "mart") else {}
+    node = {"name": name, **beta, "awp": {"enabled": awp, "gamma": 0.01, "warmup_epochs": 0},
             "attack": {"name": "pgd", "steps": steps, "step": ALPHA, "restarts": 1, "random_start": start,
                        "bn_mode": "eval"}}  # fmt: skip
     return build_defense(OmegaConf.create(node), ThreatModel("linf", EPS))
 
 
 def _sat(model: nn.Module, defense, seed: int = 0, **overrides) -> SAT:
-    cfg = OmegaConf.merge(OmegaConf.load(CONF / "addons" / "sat.yaml"), overrides)
+    cfg = OmegaConf.merge(OmegaConf.create(plain(SATConfig())), overrides)
     ctx = AddonContext(
         cfg=None, model=model, defense=defense, threat=defense.threat, num_classes=10, seed=seed
     )
@@ -502,7 +511,7 @@ def test_bad_configs_are_refused_with_the_key(compose) -> None:
         "addons.sat.layers=[]": "addons.sat.layers=[] is not allowed",
         "addons.sat.lam_sampling=per_sample_fixed": "needs addons.sat.shift_reduction=per_sample",
         "addons.sat.awp_include_cluster=true": "awp_include_cluster=true is not supported",
-        "+addons.sat.lamda=0.1": "addons.sat.lamda is not a SAT option",
+        "+addons.sat.lamda=0.1": "addons.sat.lamda is not a known key",
         "addons.sat.init=uniform": "addons.sat.init='uniform' is not allowed; choose one of: host, code_",
         "defense=standard": "addons=[sat] does not compose with defense=standard",
     }

@@ -12,19 +12,20 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from scipy import stats
 
-from robust_train.addons import AddonContext, check_addons, selected
-from robust_train.addons.slim import SLIM, candidate_layers, make_dict_loss
+from robust_train.addons import AddonContext, check_addon, check_addons, selected
+from robust_train.addons.slim import SLIM, SLIMConfig, candidate_layers, make_dict_loss
 from robust_train.attacks import ThreatModel, attack_mode
 from robust_train.config import validate_train_config
 from robust_train.defenses import build_defense
 from robust_train.defenses.losses import kl_clean_adv
 from robust_train.errors import ConfigError
 from robust_train.models import build_model, forward_with_features
-from robust_train.training.forwards import StepForwards
+from robust_train.schema import plain
+from robust_train.step_types import StepForwards
 from robust_train.training.step import TrainStep
 
 CONF = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
-DEFAULTS = OmegaConf.load(CONF / "addons" / "slim.yaml")
+DEFAULTS = OmegaConf.create(plain(SLIMConfig()))
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 3
 THREAT = ThreatModel("linf", EPS)
 LOSSES = ("mse", "ortho", "reverse")
@@ -51,7 +52,7 @@ def _defense(name: str, awp: bool = False, bn_mode: str | None = None, start: st
     cfg = {
         "name": name,
         "attack": attack,
-        "beta": 6.0,
+        **({"beta": 6.0} if name in ("trades", "mart") else {}),
         "awp": {"enabled": awp, "gamma": 0.01, "warmup_epochs": 0},
     }
     defense = build_defense(OmegaConf.create(cfg), THREAT)
@@ -493,15 +494,15 @@ def test_check_config_messages_name_the_key_and_the_allowed_values() -> None:
          "cos_eps": 0.0, "lamda": 1.0},
     )  # fmt: skip
     run = OmegaConf.create({"defense": {"attack": {"random_start": "none"}}})
-    text = "\n".join(SLIM.check_config(bad, run))
+    text = "\n".join(check_addon("slim", bad, run))
     assert "addons.slim.task_weight=-1.0 is out of range" in text and "0 <= value" in text
     assert "addons.slim.resample='often' is not allowed; choose one of: batch, step, sample" in text
     assert "addons.slim.lam_low=2 must be <= addons.slim.lam_high=1" in text
     assert "addons.slim.losses contains 'l1'; allowed: mse, ortho, reverse" in text
     assert "addons.slim.cos_mode='x'" in text and "addons.slim.cos_eps=0.0 is out of range" in text
-    assert "addons.slim.lamda is not an option" in text
+    assert "addons.slim.lamda is not a known key" in text
     assert "defense.attack.random_start=none" in text
-    assert SLIM.check_config(DEFAULTS, None) == []
+    assert check_addon("slim", DEFAULTS) == []
 
 
 def test_run_config_validation_refuses_bad_values_and_standard(compose) -> None:
@@ -573,18 +574,19 @@ def test_end_to_end_run_and_evaluation_never_invokes_slim(
         calls["inner"] += 1
         return real_inner(self, *args)
 
-    real_suite = run_module.run_suite
+    # The training run's one evaluation path (suite and sanity checks of every checkpoint).
+    real_evaluate = run_module.evaluate_model
 
-    def suite(*args, **kwargs):
+    def evaluate(*args, **kwargs):
         in_eval["on"] = True
         try:
-            return real_suite(*args, **kwargs)
+            return real_evaluate(*args, **kwargs)
         finally:
             in_eval["on"] = False
 
     monkeypatch.setattr(SLIM, "attack_context", ctx)
     monkeypatch.setattr(SLIM, "inner_objective", inner)
-    monkeypatch.setattr(run_module, "run_suite", suite)
+    monkeypatch.setattr(run_module, "evaluate_model", evaluate)
     # Beyond the standard smoke overrides: two epochs (docs/methods/slim.md#tests); fewer attack steps and
     # validation
     # examples keep it fast.

@@ -17,11 +17,17 @@ EPS = 8 / 255
 LINF = ThreatModel("linf", EPS)
 
 
+def _load(name: str) -> object:
+    """A preset of robust_train/conf/attack as written, without its `defaults` list (the schema's
+    defaults, which Hydra composes it over, are filled in by build_attack's validation)."""
+    node = OmegaConf.load(f"robust_train/conf/attack/{name}.yaml")
+    node.pop("defaults", None)
+    return node
+
+
 def _preset(name: str) -> object:
     """A preset of robust_train/conf/attack with `${threat.step}` resolved as the CIFAR configs set it."""
-    root = OmegaConf.create(
-        {"threat": {"step": "2/255"}, "attack": OmegaConf.load(f"robust_train/conf/attack/{name}.yaml")}
-    )
+    root = OmegaConf.create({"threat": {"step": "2/255"}, "attack": _load(name)})
     return root.attack
 
 
@@ -143,7 +149,7 @@ def test_caller_objective_overrides_the_configured_loss() -> None:
 
 def test_pgd_l2_preset_stays_in_l2_ball(tiny_model, batch) -> None:
     x, y = batch
-    node = OmegaConf.load("robust_train/conf/attack/pgd_l2.yaml")
+    node = _load("pgd_l2")
     attack = build_attack(node, LINF)
     assert attack.threat == ThreatModel("l2", 0.5)
     x_adv = attack(tiny_model, x, y)

@@ -12,11 +12,12 @@ from feature_attack_helpers import SmallNet, trained_small_net
 from torch import nn
 
 from robust_train.attacks import LAFEAT, PGD, ThreatModel, build_attack
-from robust_train.attacks.lafeat import (
+from robust_train.attacks.lafeat import beta_order, default_layers, mixed_logits
+from robust_train.attacks.lafeat_heads import (
+    HeadCache,
+    HeadSettings,
     LatentHead,
-    beta_order,
-    default_layers,
-    mixed_logits,
+    LatentHeads,
     model_fingerprint,
 )
 from robust_train.data import to_float
@@ -32,11 +33,25 @@ def trained() -> dict:
     return trained_small_net()
 
 
+# The attack's keyword arguments named as the config keys they come from (`head_*` are the heads').
+_HEAD_SETTINGS = {"head_epochs": "epochs", "head_samples": "samples", "head_batch_size": "batch_size",
+                  "head_lr": "lr", "head_channels": "channels", "head_hidden": "hidden",
+                  "head_augment": "augment", "head_data": "data", "head_dataset": "dataset",
+                  "head_seed": "data_seed"}  # fmt: skip
+
+
+def _attack(cache_dir=None, **kw) -> LAFEAT:
+    """LAFEAT with a HeadCache: `head_*` keywords configure the heads, the others the attack."""
+    heads = {_HEAD_SETTINGS[k]: kw.pop(k) for k in list(kw) if k in _HEAD_SETTINGS}
+    source = HeadCache(HeadSettings(**heads, seed=kw.get("seed", 0)), cache_dir)
+    return LAFEAT(ThreatModel("linf", EPS), source, **kw)
+
+
 def _lafeat(trained: dict, tmp_path, **kw) -> LAFEAT:
     args = dict(iterations=10, layer="block2", head_epochs=2, head_data=trained["train_x"][:256],
                 head_channels=16, head_hidden=32, cache_dir=tmp_path / "cache")  # fmt: skip
     args.update(kw)
-    return LAFEAT(ThreatModel("linf", EPS), **args)
+    return _attack(**args)
 
 
 def test_beta_order_interleaves_from_the_middle() -> None:
@@ -108,20 +123,53 @@ def test_deterministic_and_second_evaluation_reuses_cached_heads(trained, tmp_pa
     kw = {"betas": [0.3, 0.6], "iterations": 5}
     first = _lafeat(trained, tmp_path, **kw)
     a = first(model, x, y)
-    assert first.heads_trained == 1 and first.report["heads"]["from_cache"] is False
+    assert first.heads.trained == 1 and first.report["heads"]["from_cache"] is False
     second = _lafeat(trained, tmp_path, **kw)  # a new evaluation: heads come from the disk cache
     b = second(model, x, y)
-    assert second.heads_trained == 0 and second.report["heads"]["from_cache"] is True
+    assert second.heads.trained == 0 and second.report["heads"]["from_cache"] is True
     assert torch.equal(a, b)
     assert second.report["heads"]["agreement_last_epoch"] == first.report["heads"]["agreement_last_epoch"]
     second(model, x, y)  # the same weights again: the heads stay in memory
-    assert second.heads_trained == 0
+    assert second.heads.trained == 0
     # Other weights are another cache entry.
     other = SmallNet().eval()
     assert model_fingerprint(other) != model_fingerprint(model)
     third = _lafeat(trained, tmp_path, betas=[0.0], iterations=1, head_epochs=1)
     third(other, x[:4], y[:4])
-    assert third.heads_trained == 1
+    assert third.heads.trained == 1
+
+
+def test_attack_runs_on_given_heads_without_training(trained, tmp_path) -> None:
+    """The attack receives its heads: a trained set passed in directly gives the same attack, untrained."""
+    model, x, y = trained["model"], trained["x"], trained["y"]
+    cached = _lafeat(trained, tmp_path, betas=[0.3, 0.6], iterations=4)
+    a = cached(model, x, y)
+    given = cached.heads.last
+    assert isinstance(given, LatentHeads) and given.layers == ["block2"]
+    attack = LAFEAT(ThreatModel("linf", EPS), given, iterations=4, betas=[0.3, 0.6], layer="block2")
+    b = attack(model, x, y)
+    assert torch.equal(a, b) and attack.report["heads"] == cached.report["heads"]
+    assert attack.describe()["head_data"] == "given"
+    with pytest.raises(ConfigError, match="no trained head for layer"):
+        LAFEAT(ThreatModel("linf", EPS), given, layer="block1")(model, x, y)
+
+
+def test_cache_file_is_named_by_the_weights_and_the_head_settings(trained, tmp_path) -> None:
+    """The cache key recipe is unchanged by the move out of the attack, so existing cache files load."""
+    import hashlib
+    import json
+
+    model, x, y = trained["model"], trained["x"][:8], trained["y"][:8]
+    attack = _lafeat(trained, tmp_path, iterations=1, betas=[0.0], head_epochs=1)
+    attack(model, x, y)
+    images = trained["train_x"][:256]
+    config = {"layers": ["block2"], "num_classes": 10, "channels": 16, "hidden": 32, "epochs": 1,
+              "samples": None, "batch_size": 128, "lr": 1e-3, "augment": True, "seed": 0,
+              "data": {"tensor": list(images.shape), "sum": int(images.sum(dtype=torch.int64))}}  # fmt: skip
+    key = hashlib.sha256((model_fingerprint(model) + json.dumps(config, sort_keys=True)).encode()).hexdigest()
+    path = tmp_path / "cache" / f"{key[:40]}.pt"
+    assert attack.report["heads"]["cache_file"] == str(path) and path.is_file()
+    assert torch.load(path, weights_only=True)["key"] == key
 
 
 def test_at_least_as_strong_as_pgd20(trained, tmp_path) -> None:
@@ -151,12 +199,12 @@ def test_heads_learn_the_model_prediction_and_the_model_stays_frozen(tmp_path) -
     model.block1.register_forward_hook(lambda m, i, o: modes.append(m.training))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = (torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    attack = LAFEAT(ThreatModel("linf", EPS), iterations=1, layer="block2", head_epochs=15, head_data=images,
+    attack = _attack(iterations=1, layer="block2", head_epochs=15, head_data=images,
                     head_channels=8, head_hidden=16, head_lr=1e-2, cache_dir=tmp_path)  # fmt: skip
     x = to_float(images[:8])
     attack(model, x, torch.full((8,), 3))
     attack_modes = list(modes)
-    heads = attack._heads
+    heads = attack.heads.last
     assert attack.report["heads"]["agreement_last_epoch"]["block2"] == 100.0
     with torch.no_grad():
         _, feats = forward_with_features(model, x, ["block2"])
@@ -232,7 +280,7 @@ def _float64_net(trained: dict) -> nn.Module:
 def test_beta_zero_run_is_apgd_momentum_with_cosine_step_on_normalized_logits(trained) -> None:
     model = _float64_net(trained)
     x, y = trained["x"][:16].double(), trained["y"][:16]
-    attack = LAFEAT(ThreatModel("linf", EPS), iterations=7, layer="block2", head_data="attacked", seed=5)
+    attack = _attack(iterations=7, layer="block2", head_data="attacked", seed=5)
     head = LatentHead((16, 4, 4), 10, 8, 8).double()
     ours = attack._run(model, head, "block2", x, y, beta=0.0, target=None)
     ref = _official_run(model, x, y, EPS_RUN, 7, seed=5)
@@ -271,7 +319,7 @@ def test_mixed_run_matches_the_official_loop(trained, beta, targeted) -> None:
     assert 4 <= int(on.sum()) <= 12  # the latent term is live on some points, masked on others
     target = z.argsort(1, descending=True)[:, 2] if targeted else None
     draw = 1 if targeted else 0
-    attack = LAFEAT(ThreatModel("linf", EPS), iterations=6, layer="block2", head_data="attacked", seed=3)
+    attack = _attack(iterations=6, layer="block2", head_data="attacked", seed=3)
     ours = attack._run(model, head, "block2", x, y, beta, target, draw)
     ref = _official_run(model, x, y, EPS_RUN, 6, seed=3, head=head, beta=beta, target=target, draw=draw)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
@@ -306,7 +354,7 @@ def test_a_run_scores_x0_to_x_n_minus_1_never_x_n(tmp_path) -> None:
     b = (max(x0.sum().item(), 2.0) + x1.sum().item()) / 2
     model = _Linear(b).eval()
     for n, fooled, expected in [(1, False, x0), (2, True, x1)]:
-        attack = LAFEAT(ThreatModel("linf", EPS), iterations=n, betas=[0.0], layer="flat", head_epochs=0,
+        attack = _attack(iterations=n, betas=[0.0], layer="flat", head_epochs=0,
                         head_data="attacked", cache_dir=tmp_path)  # fmt: skip
         x_adv = attack(model, x, y)
         with torch.no_grad():
@@ -326,7 +374,7 @@ def test_targeted_runs_draw_a_fresh_start_per_target(tmp_path, monkeypatch) -> N
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     y = torch.full((6,), 3)
     # N = 0: a run returns its start unchanged.
-    attack = LAFEAT(ThreatModel("linf", EPS), iterations=0, betas=[0.0, 0.5], targeted=True, n_targets=3,
+    attack = _attack(iterations=0, betas=[0.0, 0.5], targeted=True, n_targets=3,
                     layer="block2", head_epochs=0, head_data="attacked", seed=4,
                     cache_dir=tmp_path)  # fmt: skip
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -388,7 +436,7 @@ def test_restores_mode_and_requires_grad_even_on_error(trained, tmp_path) -> Non
 def test_bad_values_raise_config_error(kw, match) -> None:
     args = {"head_data": "attacked", **kw}
     with pytest.raises(ConfigError, match=match):
-        LAFEAT(ThreatModel("linf", EPS), **args)
+        _attack(**args)
 
 
 def test_l2_threat_is_refused() -> None:
@@ -407,7 +455,8 @@ def test_presets_compose_and_build(compose, tmp_path) -> None:
     suite = build_suite(cfg.eval, threat_from_config(cfg.threat))
     lafeat, full = suite["lafeat"], suite["lafeat_full"]
     assert isinstance(lafeat, LAFEAT) and lafeat.iterations == 100 and not lafeat.targeted
-    assert lafeat.head_dataset["name"] == "mnist5k" and lafeat.head_epochs == 100
+    assert isinstance(lafeat.heads, HeadCache)  # the suite hands the attack its heads source
+    assert lafeat.heads.settings.dataset["name"] == "mnist5k" and lafeat.heads.settings.epochs == 100
     assert full.iterations == 1000 and full.targeted and full.describe()["n_targets"] == 9
     assert lafeat.describe()["betas"] == [0.4, 0.5, 0.3, 0.6, 0.2, 0.7, 0.1, 0.8, 0.0, 0.9]
     bad = compose(["eval=full", "logger=none", "eval.attacks.lafeat.head_epochs=-2",
@@ -421,7 +470,7 @@ def test_presets_compose_and_build(compose, tmp_path) -> None:
 
 
 def test_cache_dir_defaults_to_robust_train_cache(monkeypatch, tmp_path) -> None:
-    from robust_train.attacks.lafeat import default_cache_dir
+    from robust_train.attacks.lafeat_heads import default_cache_dir
 
     monkeypatch.setenv("ROBUST_TRAIN_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "lafeat"

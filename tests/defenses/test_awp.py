@@ -46,7 +46,7 @@ def test_perturbation_norms_are_gamma_times_weight_norms(prn, data) -> None:
     gamma = 0.01
     before = {n: p.detach().clone() for n, p in prn.named_parameters()}
     awp = AWP(gamma)
-    with awp.weight_perturbation(prn, _ce(x, y)):
+    with awp.perturb(prn, _ce(x, y)):
         for name, p in prn.named_parameters():
             diff = (p - before[name]).norm()
             if name in perturbed_parameter_names(prn):
@@ -66,7 +66,7 @@ def test_restore_is_bit_exact_and_bn_buffers_untouched(prn, data) -> None:
 
 
 def awp_ctx(model, x, y):
-    return AWP(0.01).weight_perturbation(model, _ce(x, y))
+    return AWP(0.01).perturb(model, _ce(x, y))
 
 
 def test_restore_happens_on_error(prn, data) -> None:
@@ -101,7 +101,7 @@ def test_optimizer_step_is_taken_at_the_perturbed_point_then_perturbation_remove
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     awp = AWP(0.01)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with awp.weight_perturbation(model, _ce(x, y)) as v:
+    with awp.perturb(model, _ce(x, y)) as v:
         perturbed = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
@@ -10,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 from torch import nn
 
 from robust_train.config import validate_train_config
 from robust_train.errors import CheckpointError, ConfigError
 from robust_train.models import (
-    _BUILDERS,
     MODEL_NAMES,
     Normalize,
     RobustModel,
@@ -27,6 +26,7 @@ from robust_train.models import (
     forward_with_features,
     scale_channels,
 )
+from robust_train.registry import MODELS
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2471, 0.2435, 0.2616)
@@ -323,18 +323,25 @@ def test_bad_options_raise() -> None:
     assert model.block1.layer[0].drop_rate == 0.3
 
 
-# Architecture options listed in conf/model/<name>.yaml, each at the builder's default.
-CONF_OPTIONS = {"resnet18": {"stem": "conv3x3"}, "preact_resnet18": {"shortcut_input": "preact"}}
+# Architecture options of the schemas, each at its default (what a config without the key builds).
+SCHEMA_OPTIONS = {"resnet18": {"stem": "conv3x3"}, "preact_resnet18": {"shortcut_input": "preact"}}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_conf_files(name: str) -> None:
-    cfg = yaml.safe_load((CONF_DIR / f"{name}.yaml").read_text())
-    options = CONF_OPTIONS.get(name, {})
-    assert cfg == {"name": name, "width": 1.0, "normalize": "meanstd", **options}
-    # The yaml default is the builder's default, so a config without the key builds the same model.
-    params = inspect.signature(_BUILDERS[name]).parameters
-    assert {key: params[key].default for key in options} == options
+def test_conf_files(compose, name: str) -> None:
+    # The group file only selects the architecture; its defaults come from the schema, once.
+    raw = yaml.safe_load((CONF_DIR / f"{name}.yaml").read_text())
+    assert raw == {"defaults": [f"/schema/model/{name}@_here_", "_self_"], "name": name}
+    cfg = OmegaConf.to_container(compose([f"model={name}", "logger=none"]).model)
+    schema = MODELS.get(name).schema
+    options = SCHEMA_OPTIONS.get(name, {})
+    assert {k: v for k, v in cfg.items() if k not in ("drop_rate",)} == {
+        "name": name,
+        "width": 1.0,
+        "normalize": "meanstd",
+        **options,
+    }
+    assert cfg == {"name": name, **{k: f.default for k, f in schema.model_fields.items() if k != "name"}}
     cfg["width"] = TINY
     assert build_model(num_classes=10, mean=MEAN, std=STD, **cfg).arch == name
 

@@ -1,8 +1,9 @@
 """At least 30 distinct bad inputs through the real entry points: one clear message and the exit code.
 
 In-process (`train_main`/`eval_main` with a patched sys.argv; subprocesses would take minutes for
-this many cases). User errors exit 2 with `robust-train: error: <message>` and no traceback; Hydra's
-own errors (malformed overrides, unknown keys, unknown group options) exit 1 with Hydra's message.
+this many cases). User errors exit 2 with `robust-train: error: <message>` and no traceback. Malformed
+overrides exit 1 with Hydra's message; unknown keys, groups and group options exit 2 with one line and
+the closest names.
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ TRAIN_CASES: list[tuple[list[str], int, list[str]]] = [
     (["dataset=synthetic", "dataset.image_shape=[3,32]"], 2, ["dataset.image_shape=[3, 32]"]),
     (["threat.norm=l2", "threat.eps=0.5", "eval=full"], 2,
      ["eval.attacks.lafeat: lafeat is an L-inf attack but threat.norm='l2'"]),
-    # Hydra's own errors: exit 1 and Hydra's message, which names the key or option.
-    (["trainer.epochz=3"], 1, ["trainer.epochz", "not in struct"]),
-    (["model=resnet1000"], 1, ["model", "resnet1000", "preact_resnet18"]),
-    (["addons=[nope]"], 1, ["nope"]),
+    (["trainer.epochz=3"], 2, ["trainer.epochz is not a known key", "did you mean `trainer.epochs`?"]),
+    (["model=resnet1000"], 2, ["model", "resnet1000", "preact_resnet18"]),
+    (["addons=[nope]"], 2, ["nope"]),
+    # Hydra's grammar errors: exit 1 and Hydra's message.
     (["trainer.epochs=[1,"], 1, ["no viable alternative at input '[1,'", "override_grammar"]),
     (["trainer.epochs"], 1, ["trainer.epochs"]),
 ]  # fmt: skip

@@ -24,10 +24,12 @@ OFF = {"amp": False, "channels_last": False, "compile": False, "fused_sgd": Fals
 
 
 def _defense(name: str, steps: int = 2):
-    cfg = {"name": name, "beta": 6.0, "attack": {
+    cfg = {"name": name, "attack": {
         "name": "pgd", "steps": steps, "step": ALPHA, "restarts": 1,
         "random_start": "normal" if name == "trades" else "uniform",
         "bn_mode": "eval" if name == "trades" else "train"}}  # fmt: skip
+    if name == "trades":  # PGD-AT has no beta (an unknown key is refused)
+        cfg["beta"] = 6.0
     return build_defense(OmegaConf.create(cfg), ThreatModel("linf", EPS))
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
+import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -12,7 +14,7 @@ from torch import nn
 from robust_train.addons.base import Addon
 from robust_train.attacks import ThreatModel
 from robust_train.defenses import build_defense
-from robust_train.training.forwards import StepForwards
+from robust_train.step_types import LABEL, Reweight, StepForwards, StepLoss, Term
 from robust_train.training.schedule import lr_at
 from robust_train.training.step import TrainStep
 
@@ -101,9 +103,9 @@ class _CountingAddon(Addon):
         self.log.append("weight_perturbation")
         return super().weight_perturbation(model, x, y, x_adv, base_loss)
 
-    def forward_context(self, model, branch, x_in):
+    def forward_context(self, out, branch):
         self.log.append(f"forward:{branch}")
-        return super().forward_context(model, branch, x_in)
+        return super().forward_context(out, branch)
 
     def outer_loss(self, out: StepForwards, base):
         self.log.append("outer_loss")
@@ -125,6 +127,125 @@ def test_addon_hooks_run_in_order_and_a_zero_addon_is_the_base_step(tiny_model, 
     torch.testing.assert_close(m1["loss"], m2["loss"])
     for pa, pb in zip(tiny_model.parameters(), ref.parameters()):
         torch.testing.assert_close(pa, pb)
+
+
+class _ReweightingAddon(Addon):
+    """Scales the base's label term by (1 + change) and adds nothing else."""
+
+    name = "reweighting"
+
+    def __init__(self, change: float, term: str = LABEL) -> None:
+        self.change, self.term = change, term
+
+    def outer_loss(self, out: StepForwards, base):
+        return {"label_scale": Reweight(self.term, self.change)}
+
+
+@pytest.mark.parametrize("term", [LABEL, "ce_adv"])
+def test_a_reweight_changes_one_base_term_by_role_or_name(tiny_model, batch, term) -> None:
+    """`Reweight(term, change)` adds exactly `change * weight * value` of the named (or role-marked) term."""
+    x, y = batch
+    x_adv = (x + 0.01).clamp(0, 1)
+    out = StepForwards(tiny_model.train(), x, y, x_adv)
+    base = _defense("pgd_at").outer_loss(out)
+    assert set(base.terms) == {"ce_adv"} and base.label is base.terms["ce_adv"]
+    added = base.contribution(Reweight(term, -0.25))
+    assert torch.equal(added, -0.25 * base.terms["ce_adv"].value)
+    # A weighted term: the change scales its weight, w -> w * (1 + change).
+    weighted = StepLoss(logits=base.logits, terms={"t": Term(base.total(), weight=3.0, role=LABEL)})
+    assert torch.equal(weighted.contribution(Reweight(LABEL, -0.5)), (-0.5 * 3.0) * base.total())
+
+
+def test_the_step_applies_reweights_in_order_and_logs_what_they_add(tiny_model, batch) -> None:
+    x, y = batch
+    ref = copy.deepcopy(tiny_model)
+    torch.manual_seed(0)
+    m1 = TrainStep(tiny_model, _defense("pgd_at"), _sgd(tiny_model), [_ReweightingAddon(-0.3)])(x, y)
+    torch.manual_seed(0)
+    m2 = TrainStep(ref, _defense("pgd_at"), _sgd(ref))(x, y)
+    # The base loss is CE(x'), so the step minimizes (1 - 0.3) * CE; the loss is summed in this order.
+    assert torch.equal(m1["loss"], m2["loss"] + (-0.3) * m2["loss"])
+    assert torch.equal(m1["reweighting/label_scale"], (-0.3) * m2["ce_adv"])
+    # Removing the only term (change -1) leaves a zero loss and no update beyond weight decay.
+    model = copy.deepcopy(ref)
+    torch.manual_seed(0)
+    m3 = TrainStep(
+        model, _defense("pgd_at"), torch.optim.SGD(model.parameters(), lr=0.1), [_ReweightingAddon(-1.0)]
+    )(x, y)
+    assert float(m3["loss"]) == 0.0
+    assert all(torch.equal(pa, pb) for pa, pb in zip(model.parameters(), ref.parameters()))
+
+
+class _Perturbation:
+    """A weight-perturbation contributor that only records when it is entered and left."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    @contextmanager
+    def weight_perturbation(self, model, x, y, x_adv, base_loss):
+        self.log.append(f"enter:{self.name}")
+        yield
+        self.log.append(f"exit:{self.name}")
+
+
+class _PerturbingAddon(_CountingAddon):
+    name = "perturbing"
+
+    @contextmanager
+    def weight_perturbation(self, model, x, y, x_adv, base_loss):
+        self.log.append("enter:addon")
+        assert torch.isfinite(base_loss(copy.deepcopy(model)))  # the base outer loss of another module
+        yield
+        self.log.append("exit:addon")
+
+
+def test_weight_perturbations_are_one_list_defense_first_then_addons(tiny_model, batch, monkeypatch) -> None:
+    """AWP is an ordinary contributor: the defense's perturbations enter first, the add-ons' after, all
+    through the same hook, and all stay open through the optimizer step."""
+    x, y = batch
+    log: list[str] = []
+    defense = _defense("pgd_at")
+    monkeypatch.setattr(defense, "weight_perturbations", lambda: [_Perturbation("defense", log)])
+    optimizer = _sgd(tiny_model)
+    real_step = optimizer.step
+
+    def step(*args, **kwargs):
+        log.append("optimizer.step")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "step", step)
+    TrainStep(tiny_model, defense, optimizer, [_PerturbingAddon(log)])(x, y)
+    order = [e for e in log if e.startswith(("enter", "exit", "optimizer"))]
+    assert order == ["enter:defense", "enter:addon", "optimizer.step", "exit:addon", "exit:defense"]
+    awp = _defense_with_awp()
+    assert awp.weight_perturbations() == [awp.awp] and _defense("pgd_at").weight_perturbations() == []
+
+
+def _defense_with_awp():
+    attack = {"name": "pgd", "steps": STEPS, "step": ALPHA, "restarts": 1, "random_start": "uniform",
+              "bn_mode": "train"}  # fmt: skip
+    cfg = {"name": "pgd_at", "attack": attack, "awp": {"enabled": True, "gamma": 0.01}}
+    return build_defense(OmegaConf.create(cfg), ThreatModel("linf", EPS))
+
+
+def test_forward_state_is_per_forwards_object(tiny_model, batch) -> None:
+    """What a forward context stores for the outer loss lives in that step's `StepForwards` only."""
+    x, y = batch
+    seen = []
+
+    @contextmanager
+    def capture(out, branch):
+        out.state["probe", branch] = branch
+        seen.append(out.outer_step)
+        yield
+
+    a = StepForwards(tiny_model, x, y, x.clone(), forward_contexts=[capture], outer_step=True)
+    b = StepForwards(tiny_model, x, y, x.clone(), forward_contexts=[capture])
+    a.logits("adv")
+    b.logits("clean")
+    assert a.state == {("probe", "adv"): "adv"} and b.state == {("probe", "clean"): "clean"}
+    assert seen == [True, False]
 
 
 def test_shared_forwards_run_each_branch_once(tiny_model, batch) -> None:
