@@ -189,7 +189,7 @@ def _set_job_type(cfg: DictConfig, job_type: str) -> None:
 
 def _train(cfg: DictConfig) -> float | None:
     """Train one run; returns its best robust validation accuracy (the Optuna objective)."""
-    from robust_train.training.run import train_run
+    from robust_train.commands.train import train_run
 
     run_dir, group = _job_context()
     _set_job_type(cfg, "train")
@@ -203,7 +203,7 @@ def _train(cfg: DictConfig) -> float | None:
 def _evaluate(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint is required: robust-eval checkpoint=outputs/.../best.pt")
-    from robust_train.evaluation.run import evaluate_checkpoint
+    from robust_train.commands.evaluate import evaluate_checkpoint
 
     out_dir, group = _job_context()
     _set_job_type(cfg, "eval")

@@ -1,5 +1,5 @@
-"""The one evaluation of a model: the end-of-training evaluation (training/run.py), `robust-eval`
-(evaluation/run.py) and the robust-overfitting sibling (evaluation/analysis/overfitting.py) all call
+"""The one evaluation of a model: the end-of-training evaluation (commands/train.py), `robust-eval`
+(commands/evaluate.py) and the robust-overfitting sibling (evaluation/analysis/overfitting.py) all call
 `evaluate_model` and log with `log_evaluation`.
 
 An `EvalSetup` holds what stays fixed across the checkpoints of one evaluation (the suite's attacks,

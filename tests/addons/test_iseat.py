@@ -27,12 +27,12 @@ from robust_train.addons.iseat import (
 from robust_train.addons.iseat_analysis import av_statistics, margin_along_direction
 from robust_train.attacks import ThreatModel
 from robust_train.builders import model_from_config, threat_from_config
+from robust_train.commands.train import train_run
 from robust_train.config import validate_train_config
 from robust_train.defenses import build_defense, perturbed_parameter_names
 from robust_train.errors import ConfigError
 from robust_train.schema import plain
 from robust_train.step_types import StepForwards
-from robust_train.training.run import train_run
 from robust_train.training.schedule import lr_at
 from robust_train.training.step import TrainStep
 

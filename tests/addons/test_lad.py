@@ -607,7 +607,7 @@ def test_composes_with_every_base_defense_and_runs_one_step(compose, name: str) 
 
 @pytest.mark.parametrize("name", ["standard", "pgd_at", "trades", "mart"])
 def test_end_to_end_run(compose, tmp_path, name: str) -> None:
-    from robust_train.training.run import train_run
+    from robust_train.commands.train import train_run
 
     overrides = ["debug=fast", "logger=none", "trainer.progress=false", "eval=quick", "eval.n_examples=16",
                  "eval.checkpoints=[last]", "dataset.train_limit=64", "trainer.batch_size=32", "addons=[lad]",

@@ -635,7 +635,7 @@ def test_paper_recipes_drop_the_lr_at_the_100th_and_150th_epoch(recipe, compose)
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("base", ["pgd_at", "trades", "mart"])
 def test_end_to_end_run(base, compose, tmp_path) -> None:
-    from robust_train.training.run import train_run
+    from robust_train.commands.train import train_run
 
     overrides = ["debug=fast", "logger=none", "trainer.progress=false", "eval=quick", "eval.n_examples=16"]
     overrides += [

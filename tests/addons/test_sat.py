@@ -28,12 +28,12 @@ from robust_train.addons.sat import (
 from robust_train.addons.sat_metrics import class_centroids, clustering_accuracy, clustering_accuracy_report
 from robust_train.attacks import ThreatModel
 from robust_train.builders import model_from_config
+from robust_train.commands.train import train_run
 from robust_train.config import validate_train_config
 from robust_train.defenses import build_defense
 from robust_train.errors import ConfigError
 from robust_train.models import build_model, capture_features, forward_with_features
 from robust_train.schema import plain
-from robust_train.training.run import train_run
 from robust_train.training.step import TrainStep
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 3

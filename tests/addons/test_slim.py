@@ -558,7 +558,7 @@ def test_end_to_end_run_and_evaluation_never_invokes_slim(
 ) -> None:
     """docs/methods/slim.md#tests two epochs train with finite losses; SLIM runs in every training attack and
     nowhere else."""
-    import robust_train.training.run as run_module
+    import robust_train.commands.train as run_module
 
     calls = {"attack": 0, "inner": 0}
     in_eval = {"on": False}

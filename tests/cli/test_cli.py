@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from robust_train.commands.train import train_run
 from robust_train.tracking.checkpoint import load_checkpoint
-from robust_train.training.run import train_run
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

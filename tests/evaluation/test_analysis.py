@@ -358,8 +358,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from robust_train.commands.train import train_run
     from robust_train.tracking.checkpoint import load_checkpoint, save_checkpoint
-    from robust_train.training.run import train_run
 
     conf = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
     GlobalHydra.instance().clear()
@@ -387,7 +387,7 @@ def test_robust_eval_with_analysis(tiny_checkpoint: Path, tmp_path: Path, capsys
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from robust_train.evaluation.run import evaluate_checkpoint
+    from robust_train.commands.evaluate import evaluate_checkpoint
 
     conf = Path(__file__).resolve().parents[2] / "robust_train" / "conf"
     GlobalHydra.instance().clear()

@@ -67,7 +67,7 @@ TRACK = [
 
 
 def test_callback_in_a_tiny_training_run_and_resume(tmp_path: Path) -> None:
-    from robust_train.training.run import train_run
+    from robust_train.commands.train import train_run
 
     run_dir = tmp_path / "run"
     res = train_run(_compose([*TRACK, "trainer.epochs=1"]), run_dir)
@@ -154,7 +154,7 @@ def test_load_drops_rows_of_epochs_without_a_checkpoint(tmp_path: Path) -> None:
     ],
 )
 def test_bad_tracking_config_is_refused(override: str, key: str, tmp_path: Path) -> None:
-    from robust_train.training.run import train_run
+    from robust_train.commands.train import train_run
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         train_run(_compose([*TRACK, override]), tmp_path)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from robust_train.attacks import build_attack, build_threat
 from robust_train.builders import model_from_config
+from robust_train.commands.evaluate import merged_config
 from robust_train.config import (
     numeric_config,
     relative_step_factor,
@@ -25,7 +26,6 @@ from robust_train.config import (
 )
 from robust_train.defenses import build_defense
 from robust_train.errors import ConfigError
-from robust_train.evaluation.run import merged_config
 from robust_train.report.runs import CE_AS_CW_MARK, read_results
 from robust_train.tracking.checkpoint import save_checkpoint
 from robust_train.tracking.results import RESULTS_FORMAT, format_table

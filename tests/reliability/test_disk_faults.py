@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from robust_train.commands.train import train_run
 from robust_train.errors import RobustTrainError, StorageError
 from robust_train.tracking.checkpoint import load_checkpoint, save_checkpoint
 from robust_train.tracking.results import write_results
-from robust_train.training.run import train_run
 
 FAST = [
     "debug=fast", "logger=none", "trainer.progress=false", "eval.checkpoints=[last]", "eval=quick",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from robust_train.commands.train import train_run
 from robust_train.errors import NumericalError
-from robust_train.training.run import train_run
 from robust_train.training.step import TrainStep
 from robust_train.training.trainer import NanGuard
 

@@ -134,7 +134,7 @@ def test_robust_eval_records_flags_in_results_and_wandb(compose, tmp_path, monke
     from omegaconf import OmegaConf
 
     from robust_train.builders import model_from_config
-    from robust_train.evaluation.run import evaluate_checkpoint
+    from robust_train.commands.evaluate import evaluate_checkpoint
     from robust_train.tracking.checkpoint import save_checkpoint
 
     train_cfg = compose(["debug=fast", "logger=none"])

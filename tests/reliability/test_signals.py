@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from robust_train.commands.train import train_run
 from robust_train.tracking.checkpoint import load_checkpoint
-from robust_train.training.run import train_run
 from robust_train.training.signals import EXIT_INTERRUPTED, StopSignals, TrainingInterrupted
 from robust_train.training.step import TrainStep
 

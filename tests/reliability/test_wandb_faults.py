@@ -42,7 +42,7 @@ class _DyingRun:
 
 
 def test_wandb_dying_mid_run_does_not_stop_training(compose, tmp_path, monkeypatch) -> None:
-    from robust_train.training.run import train_run
+    from robust_train.commands.train import train_run
 
     run = _DyingRun()
     monkeypatch.setattr(wandb, "init", lambda **kwargs: run)

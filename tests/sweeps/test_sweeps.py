@@ -12,8 +12,8 @@ import wandb
 import yaml
 
 from robust_train import cli
+from robust_train.commands.train import train_run
 from robust_train.errors import ConfigError
-from robust_train.training.run import train_run
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -71,7 +71,7 @@ def _multirun(monkeypatch, *overrides: str) -> int:
 
 
 def test_sweep_groups_runs_and_survives_failed_jobs(fake_wandb, monkeypatch, tmp_path: Path, capsys) -> None:
-    from robust_train.training import run as run_module
+    from robust_train.commands import train as run_module
     from robust_train.training.trainer import Trainer
 
     real_validate, real_epoch = run_module.validate_train_config, Trainer.train_epoch

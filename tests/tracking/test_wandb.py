@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import wandb
 
+from robust_train.commands.train import train_run
 from robust_train.tracking.wandb_run import Tracker, WandbTracker, build_tracker
-from robust_train.training.run import train_run
 
 FAST = ["debug=fast", "trainer.progress=false", "eval.checkpoints=[last]", "trainer.validation.pgd_steps=1"]
 
