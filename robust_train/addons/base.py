@@ -1,4 +1,4 @@
-"""The add-on contract of the training-step pipeline (DESIGN.md §5).
+"""The add-on contract of the training-step pipeline (docs/extending.md).
 
 An add-on implements only the stages it touches; every hook defaults to doing nothing. The step calls
 the hooks of the selected add-ons in this fixed order, each stage in the order the add-ons are listed

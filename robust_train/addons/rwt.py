@@ -1,6 +1,6 @@
 """RWT: randomized-weight Taylor adversarial training (Jin et al., CVPR 2023), docs/methods/rwt.md.
 
-Two parts, each in its own stage of the step (DESIGN.md §5):
+Two parts, each in its own stage of the step (docs/extending.md):
 
 * attack context: one Gaussian draw u ~ N(0, sigma^2) per minibatch is added to the noise-scope tensors
   (all Conv2d kernels by default) while the training attack runs; the exact original tensors are copied

@@ -1,4 +1,4 @@
-"""The attack contract: `attack(model, x, y, objective=None) -> x_adv` (DESIGN.md §4).
+"""The attack contract: `attack(model, x, y, objective=None) -> x_adv` (README "Layout").
 
 An attack sets the BatchNorm mode it was configured with, freezes parameter gradients so that inner
 loops differentiate with respect to the input only, and restores every module's mode and every

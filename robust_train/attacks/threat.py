@@ -1,7 +1,7 @@
 """Threat models: the perturbation set (norm ball intersected with the [0,1] box).
 
 Attack loops only ask a threat model for a random start, a steepest-ascent step and a projection, so a
-new norm never touches the loops (DESIGN.md §4).
+new norm never touches the loops (README "Layout").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The base-defense contract of the training-step pipeline (DESIGN.md §5).
+"""The base-defense contract of the training-step pipeline (docs/extending.md).
 
 A base defense supplies the two things every step needs: the objective its training attack ascends
 (`inner_loss`) and the loss the optimizer minimizes (`outer_loss`), returned as named, weighted terms

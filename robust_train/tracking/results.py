@@ -1,4 +1,4 @@
-"""`results.json`: the source of truth of a run (DESIGN.md §4), and its console table."""
+"""`results.json`: the source of truth of a run (README "Layout"), and its console table."""
 
 from __future__ import annotations
 

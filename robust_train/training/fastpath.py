@@ -1,4 +1,4 @@
-"""The training fast path (DESIGN.md §6): bf16 autocast, channels_last, torch.compile and fused SGD.
+"""The training fast path (README "Performance"): bf16 autocast, channels_last, torch.compile and fused SGD.
 
 Every knob of `trainer.fast` takes `auto`, `true` or `false`. `auto` switches a knob on where it pays
 off: on CUDA for autocast, channels_last and fused SGD; never for compile (its warm-up costs minutes

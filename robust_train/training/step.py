@@ -9,7 +9,7 @@ of the base's terms; both are logged as `<add-on>/<key>` with the amount they ad
 The step never reads a value back to the host: it returns detached device tensors that the trainer
 accumulates and reads once per logging interval.
 
-Fast path (`FastPath`, DESIGN.md §6): forwards run under bf16 autocast when `amp` is on (the attack's
+Fast path (`FastPath`, README "Performance"): forwards run under bf16 autocast when `amp` is on (the attack's
 objective, the clean reference, weight-perturbation proxies and the outer forwards); gradients are
 taken outside autocast. The attack's delta and x_adv stay fp32 in [0, 1]: autocast casts only inside
 the model's matmuls and convolutions, and the gradient w.r.t. the fp32 input comes back in fp32.

@@ -155,7 +155,7 @@ class Trainer:
         # run before the checkpoint so their metrics land in the history, W&B and last.pt.
         self.callbacks = list(callbacks)
         self.device = data.train_x.device
-        fast = FastPath.from_config(self.tcfg.fast, self.device)  # trainer.fast (DESIGN.md §6)
+        fast = FastPath.from_config(self.tcfg.fast, self.device)  # trainer.fast (README "Performance")
         self.step = TrainStep(model, defense, optimizer, self.addons, fast)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(cfg.seed) + DATA_SEED_OFFSET)

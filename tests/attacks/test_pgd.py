@@ -1,4 +1,4 @@
-"""PGD/FGSM properties of docs/methods/pgd.md#tests and the attack contract of DESIGN.md §4."""
+"""PGD/FGSM properties of docs/methods/pgd.md#tests and the attack contract (robust_train/attacks/base.py)."""
 
 from __future__ import annotations
 
