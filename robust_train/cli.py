@@ -2,6 +2,7 @@
 
 `robust-train` trains (or resumes) one run per Hydra job; `robust-eval` evaluates a checkpoint;
 `robust-report` tabulates and plots finished runs (no Hydra: it reads results.json files or W&B).
+`robust-export` writes a checkpoint in RobustBench's model-zoo layout with a model card (no Hydra).
 User errors (bad config values, missing data files, incompatible checkpoints, and Hydra's unknown keys,
 groups and options) print one line and exit with code 2, without a traceback; a run refused before any
 work leaves no run directory behind. In a multirun a failing job does not stop the sweep: it is
@@ -201,8 +202,7 @@ def _train(cfg: DictConfig) -> float | None:
 
 
 def _evaluate(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise ConfigError("checkpoint is required: robust-eval checkpoint=outputs/.../best.pt")
+    # Which model source (checkpoint=, state_dict=, model_zoo.name=) is checked by evaluate_checkpoint.
     from robust_train.commands.evaluate import evaluate_checkpoint
 
     out_dir, group = _job_context()
@@ -337,3 +337,48 @@ def report_main(argv: list[str] | None = None) -> None:
         _fail("robust-report", str(err))
     print(report.markdown)
     print(f"report: {report.path}" + "".join(f"\nplot: {p}" for p in report.plots), flush=True)
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    """robust-export: one of our checkpoints in RobustBench's model-zoo layout, with a model card."""
+    parser = argparse.ArgumentParser(
+        prog="robust-export",
+        description="Write a checkpoint as <out>/<dataset>/<threat_model>/<name>.pt ({'state_dict': ...}, "
+        "the normalization inside the model) and <name>.json (RobustBench's model_info fields, clean and "
+        "AutoAttack accuracy from results.json).",
+    )
+    parser.add_argument("source", help="a run directory (its best.pt, or --kind) or a checkpoint file")
+    parser.add_argument("--out", required=True, help="the model directory (RobustBench's model_dir)")
+    parser.add_argument("--name", default=None, help="the model id (default: <run dir>_<kind>)")
+    parser.add_argument("--kind", default=None, help="with a run directory: best (default), last or ema")
+    parser.add_argument("--results", default=None, help="the results.json holding the checkpoint's "
+                        "numbers (default: the one beside the checkpoint)")  # fmt: skip
+    parser.add_argument("--allow-missing-aa", action="store_true",
+                        help="write the card without an AutoAttack accuracy")  # fmt: skip
+    parser.add_argument("--allow-failed-sanity", action="store_true",
+                        help="export although the evaluation failed its sanity checks")  # fmt: skip
+    for field in ("link", "authors", "venue", "footnote"):
+        parser.add_argument(f"--{field}", default=None, help=f"the card's `{field}`")
+    parser.add_argument("--title", default=None, help="the card's `name` (the paper's title)")
+    args = parser.parse_args(argv)
+
+    from robust_train.zoo import export_model
+
+    fields = {"link": args.link, "authors": args.authors, "venue": args.venue, "footnote": args.footnote,
+              "name": args.title}  # fmt: skip
+    try:
+        result = export_model(
+            Path(args.source), Path(args.out), name=args.name, kind=args.kind,
+            results=Path(args.results) if args.results else None, allow_missing_aa=args.allow_missing_aa,
+            allow_failed_sanity=args.allow_failed_sanity, card_fields=fields,
+        )  # fmt: skip
+    except RobustTrainError as err:
+        _fail("robust-export", str(err))
+    for line in result.warnings:
+        print(f"robust-export: warning: {line}", file=sys.stderr, flush=True)
+    card = result.card_data
+    print(
+        f"{result.checkpoint}\n{result.card}\n{card['architecture']}, {card['dataset']} eps {card['eps']}: "
+        f"clean {card['clean_acc']}%, AutoAttack {card['autoattack_acc'] or '-'}%",
+        flush=True,
+    )

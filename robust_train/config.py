@@ -39,7 +39,9 @@ from robust_train.schema import (
     to_float,
 )
 from robust_train.tracking.wandb_run import LOGGERS
+from robust_train.training.ema import EMAConfig
 from robust_train.training.trainer import TrainerConfig
+from robust_train.zoo import ModelZooConfig
 
 # Number helpers, importable from here as before (their home is robust_train.schema).
 __all__ = [
@@ -69,7 +71,8 @@ class EvalConfig(Schema):
     name: str | None = None
     n_examples: PositiveInt | None = None  # the first N test images; null: all
     batch_size: PositiveInt = 256
-    checkpoints: list[Literal["best", "last"]] = ["best", "last"]
+    # `ema` (the averaged weights at the end, ema.pt) is added by itself when ema.enabled and ema.evaluate
+    checkpoints: list[Literal["best", "last", "ema"]] = ["best", "last"]
     sanity: SanityConfig = SanityConfig()
     attacks: dict[str, Any] = {}
 
@@ -99,14 +102,28 @@ class RunConfig(Schema):
     defense: Any = None
     addons: dict[str, Any] = {}
     trainer: TrainerConfig = TrainerConfig()
+    ema: EMAConfig = EMAConfig()  # weight averaging (training/ema.py)
     eval: Any = None
     logger: Any = None
+
+    def check(self, path: str) -> list[str]:
+        problems = super().check(path)
+        kinds = self.eval.get("checkpoints") if isinstance(self.eval, dict) else None
+        if not self.ema.enabled and "ema" in (kinds or []):
+            problems.append(
+                "eval.checkpoints lists `ema` but ema.enabled=false: there are no averaged weights"
+            )
+        return problems
 
 
 class EvalCommandConfig(Schema):
     """What `robust-eval` reads itself; the rest is laid over the checkpoint's config and checked there."""
 
     checkpoint: Any = None
+    # Someone else's weights instead of a checkpoint (robust_train/zoo.py): a weights file, or a
+    # RobustBench model-zoo file by name.
+    state_dict: str | None = None
+    model_zoo: ModelZooConfig = ModelZooConfig()
     seed: NonNegativeInt = 0
     device: str = "auto"
     logger: Any = None
@@ -117,6 +134,9 @@ class EvalCommandConfig(Schema):
     threat: Any = None
     eval: Any = None
     trainer: Any = None  # `debug=fast` shrinks it; robust-eval does not train
+    # Which weights of the checkpoint to evaluate: auto (best.pt of an EMA run and ema.pt: the averaged
+    # ones; otherwise the trained ones), trained, or ema (the average kept in last.pt/best.pt).
+    weights: Literal["auto", "trained", "ema"] = "auto"
 
 
 def check_logger(node: Any, path: str = "logger") -> tuple[Schema | None, list[str]]:

@@ -14,6 +14,16 @@ Modes (`--mode`, several allowed):
   peak. Only PGD-AT and TRADES have a reference loop; other defenses and add-ons print ours alone.
 - `epoch`: seconds per training epoch of the full runner (`Trainer.train_epoch`) on `--images` synthetic
   images, extrapolated linearly to 50,000 when fewer are used (labelled).
+- `data`: extra-data streaming (`dataset.extra`). Writes, once, an uncompressed .npz of
+  `--extra-images` synthetic CIFAR images in the DM-Improves-AT format (streaming, never one array in
+  memory; `--extra-path`, default the temp folder; free disk is checked first), evicts it from the page
+  cache, then measures the images/s that the trainer's pipeline delivers in batches of `--data-batch`
+  at `--extra-fraction` (memory-mapped gather of sorted rows, HWC -> CHW, pin, copy to the training
+  device, by the background reader; the original images are gathered on the device), first from a cold
+  page cache, then warm, with the peak RSS (VmHWM) while streaming. It also counts the FLOPs of one
+  training step of `--flop-model` (TRADES, `--flop-attack-steps` attack steps) and converts them at an
+  assumed sustained GPU throughput (`--gpu-tflops` x `--mfu`, printed) into the images/s a GPU consumes:
+  margin = delivered / consumed. The file is deleted at the end unless `--keep`.
 - `autoattack`: seconds per 1,000 images of AutoAttack lite and standard (the official code through the
   adapter) on `--aa-images` images, scaled to 1,000 (labelled). Labels are the model's own predictions
   and eps is `--aa-eps` (default 1e-4), so no image is broken and every attack of the standard version
@@ -26,6 +36,7 @@ Examples:
                                                                 # channels), batch 128, PGD-AT and TRADES
     python scripts/bench.py --defense trades --addons slim --override trainer.fast.amp=true
     python scripts/bench.py --mode epoch autoattack --model wrn34_10 --width 1 --json bench.json
+    nice python scripts/bench.py --mode data --extra-images 2000000 --threads 1 --device cpu
 
 Memory: CUDA reports `torch.cuda.max_memory_allocated` (tensors only); the CPU reports the process's
 peak resident set size (VmHWM, reset through /proc/self/clear_refs before each measurement), which
@@ -38,7 +49,10 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
+import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -473,6 +487,165 @@ def bench_epoch(args: argparse.Namespace, defense: str) -> dict[str, Any]:
     }
 
 
+def _rss_mb(field: str) -> float:
+    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def _write_extra_file(path: Path, n: int, seed: int = 0) -> float:
+    """A synthetic DM-Improves-AT .npz of n CIFAR images, streamed in chunks; returns the seconds taken."""
+    from robust_train.data.extra import NpzWriter
+
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    chunk = 65_536
+    with NpzWriter(path, n, (32, 32, 3)) as out:
+        for at in range(0, n, chunk):
+            k = min(chunk, n - at)
+            out.write(rng.integers(0, 256, size=(k, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, size=k))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return time.perf_counter() - start
+
+
+def _evict(path: Path) -> None:
+    """Drop the file's pages from the kernel's page cache (clean pages; no root needed), for a cold read."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def bench_data(args: argparse.Namespace) -> dict[str, Any]:
+    from robust_train.data.extra import ExtraSource, npz_members
+
+    n, batch, fraction, steps = args.extra_images, args.data_batch, args.extra_fraction, args.data_steps
+    path = args.extra_path or Path(tempfile.gettempdir()) / f"robust_train_bench_extra_{n}.npz"
+    path = Path(path)
+    need = n * (32 * 32 * 3 + 8) + (1 << 20)
+    reuse = False
+    if path.exists():
+        try:
+            reuse = npz_members(path)["image"].shape == (n, 32, 32, 3)
+        except Exception:
+            reuse = False
+    write_s = None
+    if not reuse:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if free < need + (1 << 30):
+            raise SystemExit(
+                f"bench --mode data: {path.parent} has {free / 2**30:.1f} GiB free; the file needs "
+                f"{need / 2**30:.1f} GiB (+1 GiB spare). Pass --extra-path on a larger disk or fewer "
+                "--extra-images"
+            )
+        write_s = _write_extra_file(path, n)
+    size = path.stat().st_size
+    how = f", written in {write_s:.1f} s" if write_s is not None else " (reused)"
+    print(f"extra file: {path}, {n:,} images, {size / 2**30:.2f} GiB{how}", flush=True)
+    _evict(path)
+
+    device = resolve_device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    n_train = CIFAR_TRAIN
+    train_x = torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator())
+    train_x, train_y = train_x.to(device), torch.randint(0, 10, (n_train,)).to(device)
+    source = ExtraSource([path], seed=0)
+    plan = source.plan(0, n_train, batch, fraction, steps, gen)
+    extra_per_step = sum(len(e) for e in plan.extra) / steps
+
+    def deliver() -> float:
+        feed = source.feed(plan.extra, device)
+        sync(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            more_x, more_y = feed.next()
+            x = torch.cat([train_x[plan.orig[i]], more_x])
+            y = torch.cat([train_y[plan.orig[i]], more_y])
+            assert x.shape[0] == y.shape[0] == batch
+        sync(device)
+        seconds = time.perf_counter() - start
+        feed.close()
+        return seconds
+
+    reset_peak(torch.device("cpu"))
+    rss_before = _rss_mb("VmRSS")
+    cold_s = deliver()  # the rows come from disk
+    warm_s = deliver()  # the same rows again, now in the page cache
+    peak_rss = _rss_mb("VmHWM")
+    anon_now, file_now = _rss_mb("RssAnon"), _rss_mb("RssFile")
+    source.close()
+    cold, warm = batch * steps / cold_s, batch * steps / warm_s
+
+    # FLOPs of one training step of the recipe's model, counted at batch 1 on the CPU (linear in batch).
+    flop_args = copy.copy(args)
+    flop_args.model, flop_args.width, flop_args.addons = args.flop_model, args.flop_width, []
+    flop_args.device, flop_args.aa_images = "cpu", 8
+    flop_args.override = [f"defense.attack.steps={args.flop_attack_steps}"]
+    b = build(flop_args, "trades", 1)
+    flop_per_image = count_flops(make_ours(b, 1))
+    sustained = args.gpu_tflops * args.mfu
+    consumed = sustained * 1e12 / flop_per_image
+    assumption = (
+        f"{args.gpu_tflops:g} TFLOP/s dense peak (default: H100 SXM bf16 data sheet) x {args.mfu:.0%} MFU "
+        f"= {sustained:.1f} TFLOP/s sustained"
+    )
+    kept = args.keep or (reuse and args.extra_path is not None)
+    if not kept:
+        path.unlink()
+    result = {
+        "extra_images": n,
+        "file": str(path),
+        "file_bytes": size,
+        "file_kept": kept,
+        "write_s": write_s,
+        "batch": batch,
+        "extra_fraction": fraction,
+        "extra_per_batch": extra_per_step,
+        "steps": steps,
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "delivered_img_s_cold": cold,
+        "delivered_img_s_warm": warm,
+        "delivered_img_s": cold,
+        "peak_rss_mb": peak_rss,
+        "rss_before_mb": rss_before,
+        "rss_anon_mb": anon_now,
+        "rss_file_mb": file_now,
+        "max_rss_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "flop_model": f"{args.flop_model} width {args.flop_width}, TRADES, "
+        f"{args.flop_attack_steps} attack steps",
+        "gflop_per_image": flop_per_image / 1e9,
+        "gflop_per_step": flop_per_image * batch / 1e9,
+        "gpu_assumption": assumption,
+        "gpu_consumed_img_s": consumed,
+        "margin": cold / consumed,
+    }
+    return result
+
+
+def print_data(r: dict[str, Any]) -> None:
+    print(
+        f"delivered ({r['device']}, batch {r['batch']}, {r['extra_per_batch']:.0f} extra + "
+        f"{r['batch'] - r['extra_per_batch']:.0f} original per batch, {r['steps']} steps): "
+        f"{r['delivered_img_s_cold']:,.0f} img/s from a cold page cache, "
+        f"{r['delivered_img_s_warm']:,.0f} warm",
+        flush=True,
+    )
+    print(
+        f"peak RSS while streaming: {r['peak_rss_mb']:.0f} MB (RSS before {r['rss_before_mb']:.0f} MB; "
+        f"file {r['file_bytes'] / 2**20:,.0f} MB)",
+        flush=True,
+    )
+    print(f"GPU step: {r['flop_model']}: {r['gflop_per_image']:.1f} GFLOP per image "
+          f"({r['gflop_per_step'] / 1000:.1f} TFLOP per batch of {r['batch']})", flush=True)  # fmt: skip
+    print(f"assumed GPU: {r['gpu_assumption']} -> consumes {r['gpu_consumed_img_s']:,.0f} img/s", flush=True)
+    print(f"margin (delivered cold / consumed): {r['margin']:.1f}x"
+          + ("" if r["file_kept"] else "; extra file deleted (--keep keeps it)"), flush=True)  # fmt: skip
+
+
 def bench_autoattack(args: argparse.Namespace) -> dict[str, Any]:
     b = build(args, "pgd_at", args.batch)
     model = b.model
@@ -525,7 +698,7 @@ def print_step_table(rows: list[dict[str, Any]], device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     fmt_cls = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt_cls)
-    p.add_argument("--mode", nargs="+", default=["step"], choices=["step", "epoch", "autoattack"])
+    p.add_argument("--mode", nargs="+", default=["step"], choices=["step", "epoch", "autoattack", "data"])
     p.add_argument("--model", default="preact_resnet18")
     p.add_argument("--width", type=float, default=0.25, help="0.25 = 16 base channels for PreActResNet-18")
     p.add_argument("--batch", type=int, default=128)
@@ -555,6 +728,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--override", nargs="*", default=[], help="more Hydra overrides, e.g. trainer.fast.amp=true"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    data = p.add_argument_group("data mode (extra-data streaming)")
+    data.add_argument("--extra-images", type=int, default=2_000_000, help="images in the synthetic .npz")
+    data.add_argument("--extra-path", type=Path, default=None, help="where to write it (default: /tmp)")
+    data.add_argument("--keep", action="store_true", help="keep the .npz (a later run reuses it)")
+    data.add_argument("--data-batch", type=int, default=512, help="training batch (the DM-AT recipe's 512)")
+    data.add_argument("--extra-fraction", type=float, default=0.7, help="share of each batch from the file")
+    data.add_argument("--data-steps", type=int, default=400, help="batches timed per pass (cold, then warm)")
+    data.add_argument("--flop-model", default="wrn28_10", help="the model whose step the GPU runs")
+    data.add_argument("--flop-width", type=float, default=1.0)
+    data.add_argument("--flop-attack-steps", type=int, default=10)
+    data.add_argument("--gpu-tflops", type=float, default=989.4, help="dense peak (H100 SXM bf16: 989.4)")
+    data.add_argument("--mfu", type=float, default=0.4, help="sustained fraction of the peak")
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step of each side measures its peak memory)")
@@ -593,6 +778,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"epoch {d}: {r['epoch_s']:.1f} s for {r['images']} images -> "
                   f"{r['epoch_s_50k']:.1f} s per 50,000-image epoch{label}", flush=True)  # fmt: skip
             result["epoch"].append(r)
+    if "data" in args.mode:
+        result["data"] = bench_data(args)
+        print_data(result["data"])
     if "autoattack" in args.mode:
         r = bench_autoattack(args)
         scaled = f" (scaled from {r['images']} images)" if r["scaled"] else ""

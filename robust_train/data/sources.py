@@ -12,7 +12,15 @@ import torch
 from pydantic import BeforeValidator, Field, field_validator
 
 from robust_train.errors import ConfigError, DataError
-from robust_train.schema import Flag, NonNegativeInt, Number, PositiveInt, Schema, ThreatConfig
+from robust_train.schema import (
+    Flag,
+    NonNegativeInt,
+    Number,
+    PositiveInt,
+    Schema,
+    ThreatConfig,
+    UnitNumber,
+)
 
 
 def _shape(value: Any) -> Any:
@@ -53,6 +61,19 @@ def resolve_val_size(val_size: Any, n_train: int) -> int:
     return int(count)
 
 
+def _paths(value: Any) -> Any:
+    """`dataset.extra`: one path or a list of paths -> a list (an empty list is null)."""
+    if isinstance(value, str | os.PathLike):
+        value = [value]
+    if isinstance(value, list | tuple):
+        if not all(isinstance(v, str | os.PathLike) and str(v).strip() for v in value):
+            raise ValueError("must be a path or a list of paths to .npz files")
+        return [str(v) for v in value] or None
+    if value is not None:
+        raise ValueError("must be a path or a list of paths to .npz files")
+    return value
+
+
 def _val_size(value: Any) -> Any:
     if value is not None:
         try:
@@ -89,6 +110,14 @@ class DatasetConfig(Schema):
     padding_mode: Literal["zero", "reflect"] = "zero"
     # The dataset's usual threat model; the run's `threat` defaults to it.
     threat: ThreatConfig = ThreatConfig()
+    # Extra training images (e.g. generated ones) streamed from uncompressed .npz files in the
+    # DM-Improves-AT format (uint8 `image` N x H x W x C, integer `label` N): a path or a list of paths,
+    # concatenated (robust_train/data/extra.py). null: none. Used by training only.
+    extra: Annotated[list[str] | None, BeforeValidator(_paths)] = None
+    # Share of every training batch taken from `extra` (DM-AT's unsup_fraction; int(batch x fraction)).
+    extra_fraction: UnitNumber = 0.7
+    # Steps per epoch with `extra`; null: ceil(training images / batch size), DM-AT's definition.
+    epoch_steps: PositiveInt | None = None
 
     @field_validator("mean", "std", mode="before")
     @classmethod
@@ -99,6 +128,11 @@ class DatasetConfig(Schema):
 
     def check(self, path: str) -> list[str]:
         problems = super().check(path)
+        if self.epoch_steps is not None and not self.extra:
+            problems.append(
+                f"{path}.epoch_steps={self.epoch_steps} needs {path}.extra: without extra data an epoch is "
+                "one pass over the training set"
+            )
         if self.image_shape is not None:
             for key in ("mean", "std"):
                 stats = getattr(self, key)
@@ -108,6 +142,16 @@ class DatasetConfig(Schema):
                         f"{self.image_shape[0]} channels"
                     )
         return problems
+
+    def training_problems(self, path: str) -> list[str]:
+        """What only training needs of the data, checked before a training run starts (robust-eval never
+        reads `extra`, so a checkpoint whose extra files moved still evaluates)."""
+        if not self.extra:
+            return []
+        from robust_train.data.extra import check_extra_files  # reads file headers: only when asked
+
+        shape = list(self.image_shape) if self.image_shape is not None else None
+        return check_extra_files(self.extra, shape, self.num_classes, f"{path}.extra")
 
 
 class FileDatasetConfig(DatasetConfig):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,11 @@ from torch import nn
 
 from robust_train.attacks import Attack, Objective, ThreatModel, build_attack
 from robust_train.defenses.awp import AWP, AWPConfig
+from robust_train.defenses.losses import smoothed_cross_entropy
 from robust_train.errors import ConfigError
 from robust_train.registry import ATTACKS, DEFENSES
-from robust_train.schema import Schema, check_node, validate_node
-from robust_train.step_types import CleanReference, StepForwards, StepLoss
+from robust_train.schema import Number, Schema, check_node, validate_node
+from robust_train.step_types import CleanReference, StepForwards, StepLoss, TermFn
 
 
 class DefenseConfig(Schema):
@@ -41,10 +42,17 @@ class DefenseConfig(Schema):
 
     # Whether the method crafts a training batch: True requires `attack`, False refuses it.
     adversarial: ClassVar[bool] = True
+    # Whether the method applies `label_smoothing` to its supervised term (ours do); a defense that does
+    # not refuses a value > 0 rather than ignore it.
+    smooths_labels: ClassVar[bool] = False
 
     name: str
     attack: dict[str, Any] | None = None
     awp: AWPConfig | None = None
+    # Label smoothing of the supervised (role `label`) term only: CE(f(x'), y) of PGD-AT, CE(f(x), y) of
+    # TRADES and standard training, the CE part of MART's boosted CE. Never the attack's objective nor a
+    # KL term. 0: hard labels (DM-Improves-AT uses 0.1 with TRADES).
+    label_smoothing: Annotated[Number, Field(ge=0, lt=1)] = 0.0
 
     @model_validator(mode="after")
     def _attack_matches_the_method(self) -> DefenseConfig:
@@ -58,6 +66,11 @@ class DefenseConfig(Schema):
         if not self.adversarial and self.awp is not None and self.awp.enabled:
             allowed = ", ".join(adversarial_defenses())
             problems.append(f"defense.awp.enabled=true needs an adversarial defense ({allowed})")
+        if self.label_smoothing > 0 and not self.smooths_labels:
+            problems.append(
+                f"defense.label_smoothing={self.label_smoothing}: defense={self.name} does not apply label "
+                "smoothing to its supervised term; leave it at 0"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -135,6 +148,10 @@ class Defense(ABC):
         # The optional weight-perturbation mechanism (AT-AWP, TRADES-AWP, MART-AWP).
         self.awp: AWP | None = AWP.from_config(cfg.awp)
         self.epoch = 0
+        self.label_smoothing = float(cfg.label_smoothing)
+        # The supervised CE with the configured smoothing: the label term's value and its `fn`, so an
+        # add-on that re-evaluates the term on other logits (LAD) smooths the same way.
+        self.label_ce: TermFn = smoothed_cross_entropy(self.label_smoothing)
 
     def inner_loss(
         self, logits_adv: torch.Tensor, y: torch.Tensor, clean: CleanReference, model: nn.Module

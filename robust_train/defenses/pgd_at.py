@@ -6,9 +6,8 @@ the model in train mode (no clean term).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import torch.nn.functional as F
 from pydantic import Field
 
 from robust_train.defenses.awp import AWPConfig
@@ -20,6 +19,8 @@ from robust_train.step_types import LABEL, StepForwards, StepLoss, Term
 class PGDATConfig(DefenseConfig):
     """`defense=pgd_at`: Rice et al.'s attack (uniform start, BN in train mode while crafting); AT-AWP
     with `awp.enabled` (gamma 0.01 from epoch 0)."""
+
+    smooths_labels: ClassVar[bool] = True
 
     name: Literal["pgd_at"] = "pgd_at"
     attack: dict[str, Any] | None = pgd_training_attack("uniform", "train")
@@ -35,7 +36,5 @@ class PGDAT(Defense):
 
     def outer_loss(self, out: StepForwards) -> StepLoss:
         logits = out.logits("adv")
-        ce = F.cross_entropy(logits, out.y)
-        return StepLoss(
-            logits=logits, terms={"ce_adv": Term(ce, role=LABEL, branch="adv", fn=F.cross_entropy)}
-        )
+        ce = self.label_ce(logits, out.y)
+        return StepLoss(logits=logits, terms={"ce_adv": Term(ce, role=LABEL, branch="adv", fn=self.label_ce)})

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch.nn.functional as F
-
 from robust_train.defenses.awp import AWPConfig
 from robust_train.defenses.base import Defense, DefenseConfig
 from robust_train.registry import DEFENSES
@@ -16,6 +14,7 @@ class StandardConfig(DefenseConfig):
     """`defense=standard`: no training attack, no weight perturbation."""
 
     adversarial: ClassVar[bool] = False
+    smooths_labels: ClassVar[bool] = True
 
     name: Literal["standard"] = "standard"
     attack: dict | None = None
@@ -31,5 +30,5 @@ class Standard(Defense):
 
     def outer_loss(self, out: StepForwards) -> StepLoss:
         logits = out.logits("clean")
-        ce = F.cross_entropy(logits, out.y)
-        return StepLoss(logits=logits, terms={"ce": Term(ce, role=LABEL, branch="clean", fn=F.cross_entropy)})
+        ce = self.label_ce(logits, out.y)
+        return StepLoss(logits=logits, terms={"ce": Term(ce, role=LABEL, branch="clean", fn=self.label_ce)})

@@ -7,10 +7,9 @@ CE(f(x), y) + beta * KL(p(x) || p(x')) with batchmean reduction, gradients throu
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -28,6 +27,8 @@ MAX_BETA = 100.0
 class TRADESConfig(DefenseConfig):
     """`defense=trades`: beta 6, the official attack (0.001*N(0,I) start, BN eval); TRADES-AWP with
     `awp.enabled` (gamma 0.005, off for the first 9 epochs)."""
+
+    smooths_labels: ClassVar[bool] = True
 
     name: Literal["trades"] = "trades"
     beta: Annotated[Number, Field(ge=0, le=MAX_BETA)] = 6.0
@@ -55,9 +56,9 @@ class TRADES(Defense):
 
     def outer_loss(self, out: StepForwards) -> StepLoss:
         clean, adv = out.logits("clean"), out.logits("adv")
-        _, ce, kl = trades_loss(clean, adv, out.y, self.beta)
+        _, ce, kl = trades_loss(clean, adv, out.y, self.beta, self.label_smoothing)
         terms = {
-            "ce_clean": Term(ce, role=LABEL, branch="clean", fn=F.cross_entropy),
+            "ce_clean": Term(ce, role=LABEL, branch="clean", fn=self.label_ce),
             "kl": Term(kl, weight=self.beta),
         }
         return StepLoss(logits=adv, terms=terms)

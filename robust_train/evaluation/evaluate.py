@@ -115,7 +115,8 @@ def evaluate_model(
 
 def log_evaluation(tracker: Tracker, evaluation: Mapping[str, Any]) -> None:
     """results.json's `eval` node to W&B: the per-attack table and the summary values robust-report reads
-    (eval/<checkpoint>/<attack> and its time_s, eval_epoch/<checkpoint>, eval/n_examples, eval/gap/*)."""
+    (eval/<checkpoint>/<attack> and its time_s, eval_epoch/<checkpoint>, eval/n_examples, eval/gap/*,
+    and eval_weights/<checkpoint>: trained or ema, for entries that say which weights they evaluated)."""
     rows = [
         [kind, entry["epoch"], name, a["accuracy"], a["n"], a["time_s"]]
         for kind, entry in evaluation.items()
@@ -129,4 +130,9 @@ def log_evaluation(tracker: Tracker, evaluation: Mapping[str, Any]) -> None:
         | {f"eval_epoch/{row[0]}": row[1] for row in rows}
         | {"eval/n_examples": evaluation.get("n_examples")}
         | {f"eval/gap/{k}": v for k, v in (evaluation.get("gap") or {}).items()}
+        | {
+            f"eval_weights/{kind}": entry["weights"]
+            for kind, entry in evaluation.items()
+            if isinstance(entry, Mapping) and "attacks" in entry and entry.get("weights")
+        }
     )

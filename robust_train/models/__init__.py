@@ -10,11 +10,13 @@ from torch import Tensor, nn
 from robust_train.errors import CheckpointError, ConfigError
 from robust_train.models.base import (
     NORMALIZE_MODES,
+    NOT_BUILDER_OPTIONS,
     ModelConfig,
     Normalize,
     RobustModel,
     scale_channels,
 )
+from robust_train.models.dm_wide_resnet import DM_WIDE_RESNETS, DMWideResNetConfig
 from robust_train.models.features import capture_features, forward_with_features, resolve_layer
 from robust_train.models.mobilenet import mobilenet_v2  # noqa: F401  (each module registers its models)
 from robust_train.models.preact_resnet import PreActResNet18Config
@@ -33,11 +35,16 @@ MODEL_NAMES: tuple[str, ...] = (
     "preact_resnet56",
     "vgg16_bn",
     "mobilenet_v2",
+    "wrn34_20",
+    "preact_resnet18_wong",
+    *(name for name, _, _ in DM_WIDE_RESNETS),
 )
 
 __all__ = [
     "MODEL_NAMES",
     "NORMALIZE_MODES",
+    "NOT_BUILDER_OPTIONS",
+    "DMWideResNetConfig",
     "ModelConfig",
     "Normalize",
     "PreActResNet18Config",

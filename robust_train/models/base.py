@@ -14,6 +14,8 @@ from robust_train.errors import ConfigError
 from robust_train.schema import Number, Schema
 
 NORMALIZE_MODES = ("none", "meanstd")
+# `model` keys that are not passed to the architecture's builder.
+NOT_BUILDER_OPTIONS = ("name", "init_from")
 GRANULARITIES = ("stage", "block")
 
 
@@ -29,10 +31,13 @@ class ModelConfig(Schema):
     width: Annotated[Number, Field(gt=0, le=16)] = 1.0
     # meanstd: the model's first layer normalizes with the dataset's statistics; none: raw [0, 1] input.
     normalize: Literal["none", "meanstd"] = "meanstd"
+    # A weights file the training run starts from (ours, a plain state_dict or a RobustBench checkpoint;
+    # robust_train/models/init.py). Not an architecture option: the builder never sees it.
+    init_from: str | None = None
 
     def options(self) -> dict[str, Any]:
         """The builder's keyword arguments besides num_classes/mean/std."""
-        return {k: getattr(self, k) for k in type(self).model_fields if k != "name"}
+        return {k: getattr(self, k) for k in type(self).model_fields if k not in NOT_BUILDER_OPTIONS}
 
 
 def scale_channels(channels: int, width: float) -> int:

@@ -151,3 +151,61 @@ def preact_resnet56(
     return PreActResNet(
         "preact_resnet56", 16, (16, 32, 64), (9, 9, 9), num_classes, mean, std, normalize, width
     )
+
+
+class WongPreActResNet18(RobustModel):
+    """RobustBench's `Wong2020FastNet` (Wong et al. 2020, "Fast is better than free"): PreActResNet-18
+    whose projection shortcuts read the raw block input, with no BN-ReLU after the last stage, and the
+    head named `linear`. Its state_dict keys are RobustBench's (conv1, layer1..4, linear); the
+    normalization (CIFAR-10 statistics in RobustBench's `mu`/`sigma`) is our non-persistent Normalize.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        normalize: str = "meanstd",
+        width: float = 1.0,
+    ) -> None:
+        super().__init__(num_classes, mean, std, normalize, width)
+        self.arch = "preact_resnet18_wong"
+        in_planes = scale_channels(64, width)
+        self.conv1 = nn.Conv2d(3, in_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        names: list[str] = []
+        stages: list[nn.Sequential] = []
+        for i, channels in enumerate((64, 128, 256, 512)):
+            planes = scale_channels(channels, width)
+            stage = nn.Sequential(
+                PreActBlock(in_planes, planes, 2 if i > 0 else 1, "raw"),
+                PreActBlock(planes, planes, 1, "raw"),
+            )
+            in_planes = planes
+            name = f"layer{i + 1}"
+            setattr(self, name, stage)
+            names.append(name)
+            stages.append(stage)
+        self._stage_names = names
+        self.linear = nn.Linear(in_planes, num_classes)
+        self.feature_layers = list(names)
+        self.block_layers = sequential_block_names(names, stages)
+
+    # The head is registered as `linear` (RobustBench's key); `fc` is the interface every model offers.
+    @property
+    def fc(self) -> nn.Linear:  # type: ignore[override]
+        return self.linear
+
+    def forward_body(self, z: Tensor) -> Tensor:
+        out = self.conv1(z)
+        for name in self._stage_names:
+            out = getattr(self, name)(out)
+        # No BN-ReLU here: the last block's sum is pooled directly.
+        return pool_flatten(out)
+
+
+@MODELS.register("preact_resnet18_wong", schema=ModelConfig)
+def preact_resnet18_wong(
+    num_classes: int, mean: Sequence[float], std: Sequence[float], width: float, normalize: str
+) -> WongPreActResNet18:
+    """PreActResNet-18 as RobustBench's Wong2020Fast (raw-input shortcuts, no final BN, `linear`)."""
+    return WongPreActResNet18(num_classes, mean, std, normalize, width)

@@ -142,6 +142,20 @@ def wrn28_10(
     return WideResNet("wrn28_10", 28, 10, num_classes, mean, std, normalize, width, drop_rate)
 
 
+@MODELS.register("wrn34_20", schema=WideResNetConfig)
+def wrn34_20(
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    width: float,
+    normalize: str,
+    drop_rate: float,
+) -> WideResNet:
+    """WideResNet-34-20 (5 blocks per stage, 320/640/1280 channels): RobustBench's `WideResNet(34, 20)`
+    (Rice2020Overfitting, Chen2021LTD_WRN34_20, Cui2020Learnable_34_20 without its unused sub_block1)."""
+    return WideResNet("wrn34_20", 34, 20, num_classes, mean, std, normalize, width, drop_rate)
+
+
 def filter_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Make a reference WRN checkpoint loadable: drop `sub_block*` keys, strip a `module.` prefix.
 

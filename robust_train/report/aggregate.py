@@ -96,15 +96,18 @@ class Group:
         return names
 
 
-def _base_label(config: dict[str, Any], varying_groups: set[str]) -> str:
+def _base_label(run: RunRecord, varying_groups: set[str]) -> str:
+    config = run.config
     parts = [str((config.get(g) or {}).get("name")) for g in ("dataset", "model") if g in varying_groups]
-    return " ".join(parts + [method_name(config)])
+    # A model robust-train did not train (robustbench:<name>, state_dict:<name>) has no method to name.
+    return " ".join(parts + [run.identity or method_name(config)])
 
 
 def group_runs(runs: list[RunRecord], exclude: tuple[str, ...] = ()) -> list[Group]:
     """Group finished runs by config minus seed (and `exclude` keys); label each group readably."""
     runs = [r for r in runs if r.checkpoints]
-    flats = [flatten(r.config) for r in runs]
+    # The identity of a model robust-train did not train is part of what tells runs apart.
+    flats = [flatten(r.config) | ({"model_identity": r.identity} if r.identity else {}) for r in runs]
     keys = sorted({k for f in flats for k in f})
     varying = [
         k
@@ -118,8 +121,7 @@ def group_runs(runs: list[RunRecord], exclude: tuple[str, ...] = ()) -> list[Gro
     for i, f in enumerate(flats):
         buckets.setdefault(tuple(json.dumps(f.get(k), default=str) for k in varying), []).append(i)
     groups = [
-        Group(_base_label(runs[idx[0]].config, varying_groups), [runs[i] for i in idx])
-        for idx in buckets.values()
+        Group(_base_label(runs[idx[0]], varying_groups), [runs[i] for i in idx]) for idx in buckets.values()
     ]
     # Groups the base label cannot tell apart get the keys that differ among them (defense.beta=3.0).
     by_label: dict[str, list[Group]] = {}
@@ -150,8 +152,11 @@ def summarize(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
         for e in entries:
             for name, a in e["attacks"].items():
                 attacks.setdefault(name, []).append(a["accuracy"])
+        weights = {e.get("weights") for e in entries}
         out[kind] = {
             "epoch": stat(epochs) if epochs else None,
+            # trained | ema when every run evaluated this kind with the same weights, else None
+            "weights": weights.pop() if len(weights) == 1 else None,
             "attacks": {name: stat(values) for name, values in attacks.items()},
             "time_s": {
                 name: stat(

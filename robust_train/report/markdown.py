@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from robust_train.report.aggregate import Group, paper_rows
 from robust_train.report.runs import CE_AS_CW_MARK, RunRecord
+from robust_train.tracking.results import checkpoint_label
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -19,8 +20,9 @@ def accuracy_table(groups: list[Group]) -> list[str]:
     for g in groups:
         for kind, entry in g.stats.items():
             epoch = entry["epoch"]
+            label = checkpoint_label(kind, entry)  # `best (ema)`: best.pt evaluated with averaged weights
             rows.append(
-                [g.label, kind, str(len(g.runs)), "-" if epoch is None else epoch.fmt(1)]
+                [g.label, label, str(len(g.runs)), "-" if epoch is None else epoch.fmt(1)]
                 + [entry["attacks"][a].fmt() if a in entry["attacks"] else "-" for a in attacks]
             )
     return _table(["method", "checkpoint", "seeds", "epoch", *attacks], rows)

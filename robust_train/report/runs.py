@@ -27,12 +27,16 @@ class RunRecord:
     name: str
     config: dict[str, Any]
     seed: int | None
-    # checkpoint kind (best/last) -> {"epoch": int | None, "attacks": {attack: {"accuracy", "eps", "time_s"}}}
+    # checkpoint kind (best/last/ema) -> {"epoch": int | None, "weights": "trained" | "ema" | None,
+    #                                      "attacks": {attack: {"accuracy", "eps", "time_s"}}}
     checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     status: str = "finished"  # finished | incomplete (no evaluation yet) | failed
     error: str | None = None
     n_examples: int | None = None
+    # The evaluated model's name when robust-train did not train it (robust-eval of a RobustBench
+    # zoo model or a plain state_dict): its results carry no defense or trainer to name it by.
+    identity: str | None = None
 
     @property
     def paper(self) -> dict[str, Any] | None:
@@ -72,12 +76,23 @@ def _checkpoints_from_eval(
         sanity = entry.get("sanity") if isinstance(entry.get("sanity"), dict) else None
         out[kind] = {
             "epoch": entry.get("epoch"),
+            "weights": entry.get("weights"),  # trained | ema; absent before weight averaging existed
             "attacks": attacks,
             # Failed evaluation sanity checks (evaluation/sanity.py) travel into the report: a number
             # that a stronger attack would erase must not look like the others.
             "sanity": None if sanity is None else list(sanity.get("failed") or []),
         }
     return out
+
+
+FOREIGN_SOURCES = ("robustbench", "state_dict")
+
+
+def foreign_identity(node: Any) -> str | None:
+    """`<source>:<name>` for results.json's `model` node of weights robust-train did not train."""
+    if isinstance(node, dict) and node.get("source") in FOREIGN_SOURCES and node.get("name"):
+        return f"{node['source']}:{node['name']}"
+    return None
 
 
 def read_results(path: Path) -> RunRecord:
@@ -97,6 +112,7 @@ def read_results(path: Path) -> RunRecord:
         history=list(train.get("history") or []),
         status="finished" if checkpoints else "incomplete",
         n_examples=(res.get("eval") or {}).get("n_examples"),
+        identity=foreign_identity(res.get("model")),
     )
 
 
@@ -145,6 +161,7 @@ _STATE = {"finished": "finished", "failed": "failed", "crashed": "failed", "kill
 def _wandb_record(run: Any) -> RunRecord:
     """A RunRecord from a wandb.apis.public.Run (config, summary 'eval/<kind>/<attack>', history)."""
     config = dict(run.config)
+    identity = foreign_identity(config.pop("model_identity", None))
     summary = dict(run.summary)
     checkpoints: dict[str, dict[str, Any]] = {}
     eps = parse_eps((config.get("threat") or {}).get("eps"))
@@ -162,8 +179,9 @@ def _wandb_record(run: Any) -> RunRecord:
                 parts[1], {"epoch": summary.get(f"eval_epoch/{parts[1]}"), "attacks": {}}
             )
             entry["attacks"].setdefault(parts[2], {"eps": eps})["time_s"] = value
-    for entry in checkpoints.values():
+    for kind, entry in checkpoints.items():
         entry["attacks"] = {k: v for k, v in entry["attacks"].items() if "accuracy" in v}
+        entry["weights"] = summary.get(f"eval_weights/{kind}")
     history = [dict(row) for row in run.scan_history(keys=_HISTORY_KEYS)]
     state = _STATE.get(str(getattr(run, "state", "finished")), "incomplete")
     return RunRecord(
@@ -175,6 +193,7 @@ def _wandb_record(run: Any) -> RunRecord:
         status=state if (checkpoints or state == "failed") else "incomplete",
         error=f"W&B state {run.state}" if state == "failed" else None,
         n_examples=summary.get("eval/n_examples"),
+        identity=identity,
     )
 
 

@@ -16,6 +16,7 @@ complete verified pair, or a missing/unverifiable newest file next to a good `.p
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import warnings
 from pathlib import Path
@@ -97,12 +98,69 @@ def verify_checkpoint(path: Path | str) -> bool | None:
     return sha256_file(path) == expected
 
 
-def _load_one(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+# Pickled globals other tools' checkpoints commonly hold besides tensors (numpy scalars for accuracies,
+# their dtypes): rebuilding them runs no code of the file's choosing, so they are allowed by name.
+_NUMPY_SCALAR_GLOBALS = ("numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "numpy.dtype")
+
+
+def _harmless_globals(path: Path) -> list[Any] | None:
+    """The numpy scalar/dtype globals `path` needs, or None when it needs any other global."""
+    import importlib
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return None
+    found: list[Any] = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        harmless = name in _NUMPY_SCALAR_GLOBALS or (module == "numpy.dtypes" and attr.endswith("DType"))
+        if not harmless:
+            return None
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            return None
+    if "numpy.dtype" in names:  # a dtype is rebuilt from its class (numpy.dtypes.Float64DType, ...)
+        found += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return found
+
+
+def read_torch_file(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
+    """The object a torch file holds, read with `weights_only` (tensors and plain containers only).
+
+    Any torch file, ours or not: CheckpointError when it is missing, unreadable, holds pickled Python
+    objects (loading those would run their code), or does not match its `.sha256` sidecar.
+    """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint={path} does not exist")
     verified = verify_checkpoint(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            allowed = _harmless_globals(path)
+            if not allowed:
+                raise
+            with torch.serialization.safe_globals(allowed):
+                state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        try:
+            unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:
+            unsafe = ""
+        if unsafe:
+            # weights_only refuses arbitrary globals: unpickling them would execute code from the file.
+            raise CheckpointError(
+                f"checkpoint={path} holds pickled Python objects besides tensors ({unsafe[:200]}), which "
+                "are not loaded (that would run code from the file); if you trust it, re-save its weights: "
+                "torch.save(torch.load(f, weights_only=False)['state_dict'], 'weights.pt')"
+            ) from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint={path} is unreadable (truncated or not a torch file): {first}"
+        ) from None
     except Exception as err:  # torch raises several types for truncated/garbled files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
@@ -114,16 +172,32 @@ def _load_one(path: Path, map_location: str | torch.device) -> dict[str, Any]:
             f"checkpoint={path} is corrupt: its SHA-256 does not match {checksum_path(path).name} "
             "(interrupted copy or disk error)"
         )
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    return state
+
+
+def is_robust_train_checkpoint(state: Any) -> bool:
+    """Whether a loaded torch object carries our checkpoint tag (of any version)."""
+    return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
+
+
+def check_checkpoint_state(path: Path | str, state: Any) -> dict[str, Any]:
+    """`state` (read from `path`) if it is a robust-train checkpoint of the version this code reads."""
+    if not is_robust_train_checkpoint(state):
         raise CheckpointError(
-            f"checkpoint={path} is not a robust-train checkpoint (no '{CHECKPOINT_FORMAT}' tag)"
+            f"checkpoint={path} is not a robust-train checkpoint (no '{CHECKPOINT_FORMAT}' tag); other "
+            "weights: robust-eval state_dict=<file> model.name=<arch> model.normalize=none|meanstd, or "
+            "model_zoo.name=<RobustBench name>"
         )
     if state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"checkpoint={path} has format version {state.get('version')}; this robust-train reads "
             f"version {CHECKPOINT_VERSION}"
         )
-    return state
+    return dict(state)
+
+
+def _load_one(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    return check_checkpoint_state(path, read_torch_file(path, map_location))
 
 
 def load_checkpoint(

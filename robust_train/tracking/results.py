@@ -139,7 +139,7 @@ def format_table(evaluation: dict[str, Any]) -> str:
     header = ["checkpoint", "epoch"] + attacks + (["sanity"] if checked else [])
     rows = []
     for ckpt, entry in per_ckpt.items():
-        row = [ckpt, str(entry.get("epoch", "-"))]
+        row = [checkpoint_label(ckpt, entry), str(entry.get("epoch", "-"))]
         for name in attacks:
             a = entry["attacks"].get(name)
             row.append("-" if a is None else f"{a['accuracy']:.2f}")
@@ -157,6 +157,16 @@ def format_table(evaluation: dict[str, Any]) -> str:
         [*attack_lines(per_ckpt), title, *pipe_table(header, rows), *projection_lines(per_ckpt),
          *failure_lines(per_ckpt)]
     )  # fmt: skip
+
+
+def checkpoint_label(kind: str, entry: Mapping[str, Any]) -> str:
+    """The checkpoint kind, with the weights it was evaluated with when they are not its own.
+
+    best.pt of a run with weight averaging is evaluated with the averaged weights (`best (ema)`); the
+    kind `ema` and checkpoints evaluated with their trained weights show the kind alone.
+    """
+    weights = entry.get("weights")
+    return f"{kind} ({weights})" if weights == "ema" and kind != "ema" else kind
 
 
 def attack_lines(evaluation: Mapping[str, Any]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,8 +17,9 @@ from tqdm import tqdm
 from robust_train.addons.base import Addon
 from robust_train.attacks import PGD, Clean, ThreatModel
 from robust_train.data import DataBundle, augment_batch, batch_indices, check_dataset
+from robust_train.data.extra import ExtraFeed, ExtraSource, default_epoch_steps
 from robust_train.defenses.base import Defense
-from robust_train.errors import ConfigError, NumericalError
+from robust_train.errors import CheckpointError, ConfigError, NumericalError
 from robust_train.evaluation.suite import evaluate_accuracy
 from robust_train.registry import NODE_SCHEMAS
 from robust_train.schema import (
@@ -37,6 +38,7 @@ from robust_train.schema import (
 from robust_train.tracking.checkpoint import rng_state, save_checkpoint, set_rng_state
 from robust_train.tracking.wandb_run import Tracker
 from robust_train.training.callbacks import InstanceTrackingConfig
+from robust_train.training.ema import EMA, EMA_KEY, EVAL_WEIGHTS_KEY, WEIGHTS_KEY
 from robust_train.training.fastpath import FastConfig, FastPath
 from robust_train.training.schedule import ScheduleConfig, lr_at
 from robust_train.training.signals import DEFAULT_SIGNALS, StopSignals, parse_signals
@@ -157,8 +159,12 @@ class Trainer:
         self.device = data.train_x.device
         fast = FastPath.from_config(self.tcfg.fast, self.device)  # trainer.fast (README "Performance")
         self.step = TrainStep(model, defense, optimizer, self.addons, fast)
+        # Weight averaging (the `ema` node, training/ema.py). None when disabled: the loop then runs
+        # exactly as without it (no extra tensors, RNG draws or forwards).
+        self.ema = EMA.from_config(cfg.get("ema"), model)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(cfg.seed) + DATA_SEED_OFFSET)
+        self._extra: ExtraSource | None = None  # dataset.extra, mapped on first use (_plan)
         self.base_lr = self.tcfg.optimizer.lr
         self.epochs = self.tcfg.epochs
         self.epoch = 0  # epochs completed
@@ -209,6 +215,7 @@ class Trainer:
             "wandb_run_id": self.tracker.run_id,
             "skipped_steps": list(self.skipped_steps),
             "mid_epoch": mid_epoch,
+            **({EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -218,6 +225,7 @@ class Trainer:
         self.best = dict(state["best"])
         self.history = list(state["history"])
         self.skipped_steps = list(state.get("skipped_steps") or [])
+        self._load_ema(state)
         self._restore_volatile(state)
         mid = state.get("mid_epoch")
         self._resume = state if mid else None
@@ -237,7 +245,42 @@ class Trainer:
 
     def save(self, name: str, mid_epoch: dict[str, Any] | None = None) -> Path:
         path = self.run_dir / name
-        save_checkpoint(self.state_dict(mid_epoch), path)
+        state = self.state_dict(mid_epoch)
+        if self.ema is not None:
+            # best.pt is chosen on the averaged weights, so it is evaluated with them; last.pt holds
+            # the trained weights for evaluation (its average is ema.pt's at the end of training).
+            state[EVAL_WEIGHTS_KEY] = "ema" if name == "best.pt" else "trained"
+        save_checkpoint(state, path)
+        return path
+
+    def _load_ema(self, state: dict[str, Any]) -> None:
+        """The average from a checkpoint; started afresh when the checkpoint was trained without one."""
+        saved = state.get(EMA_KEY)
+        if self.ema is None:
+            if saved:
+                print("note: ema.enabled=false: the checkpoint's averaged weights are not kept", flush=True)
+            return
+        if saved:
+            self.ema.load_state_dict(saved, where="last.pt")
+        else:
+            self.ema.reset()
+            print("note: the checkpoint has no averaged weights; the EMA starts from its weights", flush=True)
+
+    def save_ema(self) -> Path:
+        """ema.pt: the averaged weights under `model` (evaluated as kind `ema`, exported, fine-tuned from)."""
+        assert self.ema is not None
+        path = self.run_dir / "ema.pt"
+        state = {
+            **self.checkpoint_extra,
+            "epoch": self.epoch,
+            "model": self.ema.weights(),
+            WEIGHTS_KEY: "ema",
+            EVAL_WEIGHTS_KEY: "ema",
+            "ema_updates": self.ema.updates,
+            "best": dict(self.best),
+            "addons": {a.name: a.state_dict() for a in self.addons},  # eval-time wrappers read them
+        }
+        save_checkpoint(state, path)
         return path
 
     # ----------------------------------------------------------------- loop
@@ -251,6 +294,8 @@ class Trainer:
                     if signals.requested is not None:
                         # Caught during validation or the epoch's checkpoints: last.pt is this epoch's.
                         self._interrupt(epoch, None, self.run_dir / "last.pt")
+                if self.ema is not None:
+                    self.save_ema()
             finally:
                 self.signals = None
         return self.history
@@ -335,6 +380,59 @@ class Trainer:
         limit = self.tcfg.max_batches
         return idx[:limit] if limit else idx
 
+    def _extra_source(self) -> ExtraSource | None:
+        """dataset.extra mapped read-only (data/extra.py), checked against the loaded data once."""
+        if not self.dcfg.extra:
+            return None
+        if self._extra is None:
+            from robust_train.data.extra import check_extra_files
+
+            raise_problems(check_extra_files(self.dcfg.extra, self.data.image_shape, self.data.num_classes))
+            self._extra = ExtraSource(self.dcfg.extra, int(self.cfg.seed))
+        return self._extra
+
+    def _plan(self, epoch: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The epoch's batches: training-set indices per step and, with dataset.extra, the extra-image
+        indices per step (None without). Without extra data this is exactly `_batches`."""
+        n = self.data.train_x.shape[0]
+        extra = self._extra_source()
+        if extra is None:
+            return self._batches(n), None
+        bs, ds = self.tcfg.batch_size, self.dcfg
+        steps = ds.epoch_steps or default_epoch_steps(n, bs)
+        if self.tcfg.max_batches:
+            steps = min(steps, self.tcfg.max_batches)
+        plan = extra.plan(epoch, n, bs, ds.extra_fraction, steps, self.generator)
+        return plan.orig, plan.extra
+
+    def _resume_plan(self, mid: dict[str, Any]) -> list[torch.Tensor] | None:
+        """The extra-image plan saved mid-epoch, checked against the extra files this run maps."""
+        extra = self._extra_source()
+        saved = mid.get("extra")
+        if saved is None and extra is None:
+            return None
+        if saved is None or extra is None or int(mid.get("extra_size", -1)) != len(extra):
+            before = "no extra images" if saved is None else f"{mid.get('extra_size')} extra images"
+            now = "none" if extra is None else f"{len(extra)} images"
+            raise CheckpointError(
+                f"last.pt was written mid-epoch with {before}, but dataset.extra now gives {now}; resume "
+                "with the same dataset.extra files, or choose a new hydra.run.dir"
+            )
+        return [t.cpu() for t in saved]
+
+    def _feed(self, extra: list[torch.Tensor] | None, first: int) -> ExtraFeed | None:
+        """The background reader of the extra images of steps first.. (None without extra data)."""
+        source = self._extra_source()
+        return None if extra is None or source is None else source.feed(extra[first:], self.device)
+
+    def _images(self, idx: torch.Tensor, feed: ExtraFeed | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's uint8 images and labels: training images `idx`, then the step's extra images."""
+        data = self.data
+        if feed is None:
+            return data.train_x[idx], data.train_y[idx]
+        more_x, more_y = feed.next()
+        return torch.cat([data.train_x[idx], more_x]), torch.cat([data.train_y[idx], more_y])
+
     def _skip_step(self, epoch: int, i: int, n_batches: int, metrics: dict[str, torch.Tensor]) -> None:
         terms = {k: float(v) for k, v in metrics.items() if k != "correct"}
         self.skipped_steps.append({"epoch": epoch + 1, "step": i + 1, "terms": terms})
@@ -353,10 +451,10 @@ class Trainer:
         )
 
     def train_epoch(self, epoch: int, mid: dict[str, Any] | None = None) -> dict[str, Any]:
-        data, ds = self.data, self.dcfg
+        ds = self.dcfg
         log_every = self.tcfg.log_every
         if mid is None:
-            batches = self._batches(data.train_x.shape[0])
+            batches, extra = self._plan(epoch)
             first = 0
             loss_sum = torch.zeros((), device=self.device)
             correct = torch.zeros((), dtype=torch.long, device=self.device)
@@ -364,12 +462,16 @@ class Trainer:
             seen, elapsed_before = 0, 0.0
         else:
             batches = [b.to(self.device) for b in mid["batches"]]
+            extra = self._resume_plan(mid)
             first = int(mid["next_batch"])
             loss_sum = mid["loss_sum"].to(self.device)
             correct = mid["correct"].to(self.device)
             term_sums = {k: v.to(self.device) for k, v in mid["term_sums"].items()}
             seen, elapsed_before = int(mid["seen"]), float(mid["elapsed"])
         n_batches = len(batches)
+        feed = self._feed(extra, first)  # extra images read ahead in the background; None without
+        if self.ema is not None:
+            self.ema.plan(self.epochs * n_batches)  # fixes ema.start in steps, once per run
         guard = NanGuard(self.device, self.max_term)
         skip = self.nan_policy == "skip"
         bar = tqdm(
@@ -388,14 +490,14 @@ class Trainer:
             lr = lr_at(self.tcfg.schedule, self.base_lr, self.epochs, epoch, i, n_batches)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            images, y = self._images(idx, feed)
             x = augment_batch(
-                data.train_x[idx],
+                images,
                 pad=ds.crop_pad,
                 flip=ds.flip,
                 padding_mode=ds.padding_mode,
                 generator=self.generator,
             )
-            y = data.train_y[idx]
             snapshot = [t.detach().clone() for t in self.model.state_dict().values()] if skip else None
             self._skipped_now = False
             metrics = self.step(x, y)
@@ -405,6 +507,8 @@ class Trainer:
                         t.copy_(saved)
                 self._skip_step(epoch, i, n_batches, metrics)
             else:
+                if self.ema is not None:
+                    self.ema.update()  # after the optimizer step and any weight perturbation's removal
                 guard.update(metrics, i)
                 loss_sum += metrics["loss"] * y.shape[0]
                 correct += metrics["correct"]
@@ -438,8 +542,15 @@ class Trainer:
                     "seen": seen,
                     "elapsed": elapsed_before + time.perf_counter() - start,
                 }
+                if feed is not None:
+                    feed.close()
+                    # The epoch's extra-image plan, and the size of the set it indexes (checked on resume).
+                    mid_state["extra"] = extra
+                    mid_state["extra_size"] = len(self._extra) if self._extra is not None else 0
                 self._interrupt(epoch, i + 1, self.save("last.pt", mid_state))
         bar.close()
+        if feed is not None:
+            feed.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = elapsed_before + time.perf_counter() - start
@@ -463,8 +574,10 @@ class Trainer:
         if x.shape[0] == 0:
             return {}
         bs = val.batch_size
-        clean = evaluate_accuracy(self.model, self.val_attacks["clean"], x, y, bs)
-        robust = evaluate_accuracy(self.model, self.val_attacks["pgd"], x, y, bs)
+        # With weight averaging, validation (and so best.pt's selection) runs on the averaged weights.
+        with self.ema.applied() if self.ema is not None else nullcontext():
+            clean = evaluate_accuracy(self.model, self.val_attacks["clean"], x, y, bs)
+            robust = evaluate_accuracy(self.model, self.val_attacks["pgd"], x, y, bs)
         return {
             "val/clean_acc": clean["accuracy"],
             "val/robust_acc": robust["accuracy"],
@@ -478,9 +591,10 @@ class Trainer:
             f"train acc {r['train/acc']:.2f}",
         ]
         if "val/clean_acc" in r:
+            val = "val(ema)" if self.ema is not None else "val"
             parts += [
-                f"val clean {r['val/clean_acc']:.2f}",
-                f"val PGD-{self.val_attacks['pgd'].steps} {r['val/robust_acc']:.2f}",
+                f"{val} clean {r['val/clean_acc']:.2f}",
+                f"{val} PGD-{self.val_attacks['pgd'].steps} {r['val/robust_acc']:.2f}",
             ]
         parts += [f"{r['train/img_per_s']:.0f} img/s", f"{r['train/epoch_s']:.1f} s"]
         print("  ".join(parts) + ("  *best" if improved else ""), flush=True)

@@ -133,8 +133,12 @@ def test_ssa_loss_hand_computed_value():
 def test_ssa_loss_per_row_terms():
     margin = 0.2
     feats, clean, negatives = _ssa_example()
-    per_row = [ssa_loss(feats[i : i + 1], clean[torch.tensor([i, int(negatives[i])])], torch.tensor([1]), margin).item()
-               for i in range(3)]
+    per_row = [
+        ssa_loss(
+            feats[i : i + 1], clean[torch.tensor([i, int(negatives[i])])], torch.tensor([1]), margin
+        ).item()
+        for i in range(3)
+    ]
     # Each row alone (its clean image at index 0, its negative at index 1): same terms.
     assert per_row == pytest.approx([0.12, 0.0, 1.56], abs=1e-12)
 
@@ -192,8 +196,13 @@ def test_trades_outer_loss_terms_and_values():
             {
                 "name": "trades",
                 "beta": 6.0,
-                "attack": {"name": "pgd", "steps": 1, "step": 2 / 255, "random_start": "normal",
-                           "bn_mode": "eval"},
+                "attack": {
+                    "name": "pgd",
+                    "steps": 1,
+                    "step": 2 / 255,
+                    "random_start": "normal",
+                    "bn_mode": "eval",
+                },
             }
         ),
         ThreatModel("linf", 8 / 255),

@@ -163,7 +163,11 @@ def test_completion_of_packaged_group_and_plain_group(capsys, monkeypatch) -> No
     found = complete("robust-train +attack@eval.attacks.x=pgd", capsys, monkeypatch)
     assert set(found) == {"+attack@eval.attacks.x=pgd20", "+attack@eval.attacks.x=pgd_l2"}
     found = complete("robust-train model=wrn", capsys, monkeypatch)
-    assert set(found) == {"model=wrn28_10", "model=wrn34_10"}
+    assert set(found) == {
+        "model=wrn28_10", "model=wrn34_10", "model=wrn34_20", "model=wrn28_10_silu", "model=wrn34_10_silu",
+        "model=wrn34_20_silu", "model=wrn70_16_silu", "model=wrn82_8_silu", "model=wrn94_16_silu",
+        "model=wrn106_16_silu",
+    }  # fmt: skip
 
 
 def test_help_lists_nested_presets(capsys, monkeypatch) -> None:

@@ -156,6 +156,24 @@ def write_tiny_imagenet(root: Path, per_class: int = 3, n_val: int = 6) -> dict:
     return {"wnids": wnids, "val_wnids": val_wnids, "per_class": per_class}
 
 
+def write_extra_npz(
+    path: Path,
+    n: int,
+    seed: int = 0,
+    hwc: tuple[int, int, int] = (32, 32, 3),
+    num_classes: int = 10,
+    label_dtype: type = np.int64,
+    compressed: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """An .npz in the DM-Improves-AT format: uint8 `image` (N, H, W, C) and integer `label` (N,),
+    written by np.savez (or np.savez_compressed) as the authors' files are. Returns (images, labels)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, *hwc), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, size=n).astype(label_dtype)
+    (np.savez_compressed if compressed else np.savez)(path, image=images, label=labels)
+    return images, labels
+
+
 def image_table(x: np.ndarray | torch.Tensor, y) -> dict[bytes, int]:
     """image bytes -> label, to match loaded images with written ones whatever their order."""
     x = x.numpy() if isinstance(x, torch.Tensor) else x
@@ -171,6 +189,7 @@ def fmt() -> SimpleNamespace:
         write_cifar100=write_cifar100,
         write_svhn=write_svhn,
         write_tiny_imagenet=write_tiny_imagenet,
+        write_extra_npz=write_extra_npz,
         image_table=image_table,
         random_images=random_images,
         tiny_colours=TINY_COLOURS,

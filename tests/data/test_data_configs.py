@@ -42,6 +42,12 @@ def test_keys(name, monkeypatch, load):
         assert key in cfg, key
     assert cfg.train_limit is None and cfg.test_limit is None and cfg.crop_pad == 4
     assert cfg.padding_mode == "zero" and cfg.threat.norm == "linf"
+    # Extra (generated) training data is off unless asked for, on every dataset.
+    assert cfg.extra is None and cfg.extra_fraction == 0.7 and cfg.epoch_steps is None
+    if name == "image_folder":  # the files describe the data: shape, classes and statistics come from them
+        assert cfg.image_shape is None and cfg.mean is None and cfg.num_classes is None
+        assert cfg.root is None and cfg.csv is None and cfg.resize is False
+        return
     assert len(cfg.mean) == len(cfg.std) == cfg.image_shape[0]
     if name in REAL:
         assert cfg.download is True and cfg.check_integrity is True and data_root(cfg) == Path("/datasets")

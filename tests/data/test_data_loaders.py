@@ -29,7 +29,9 @@ def _assert_same_images(fmt, loaded_x, loaded_y, written_x, written_y) -> None:
 
 
 def test_dataset_names():
-    assert DATASET_NAMES == ("cifar10", "cifar100", "svhn", "tiny_imagenet", "mnist5k", "synthetic")
+    assert DATASET_NAMES == (
+        "cifar10", "cifar100", "svhn", "tiny_imagenet", "mnist5k", "synthetic", "image_folder",
+    )  # fmt: skip
 
 
 def test_unknown_name_is_a_config_error():

@@ -26,12 +26,14 @@ from robust_train.models import (
     forward_with_features,
     scale_channels,
 )
+from robust_train.models.dm_wide_resnet import DM_WIDE_RESNETS
 from robust_train.registry import MODELS
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2471, 0.2435, 0.2616)
 TINY = 0.125
 CONF_DIR = Path(__file__).resolve().parents[2] / "robust_train" / "conf" / "model"
+DM_NAMES = [name for name, _, _ in DM_WIDE_RESNETS]
 
 # Stage-output names per architecture and the number of block outputs.
 EXPECTED_STAGES = {
@@ -42,6 +44,9 @@ EXPECTED_STAGES = {
     "preact_resnet56": ["layer1", "layer2", "layer3"],
     "vgg16_bn": ["stage1", "stage2", "stage3", "stage4", "stage5"],
     "mobilenet_v2": ["stage1", "stage2", "stage3", "stage4"],
+    "wrn34_20": ["block1", "block2", "block3"],
+    "preact_resnet18_wong": ["layer1", "layer2", "layer3", "layer4"],
+    **{name: ["layer.0", "layer.1", "layer.2"] for name in DM_NAMES},
 }
 EXPECTED_NUM_BLOCKS = {
     "preact_resnet18": 8,
@@ -51,6 +56,9 @@ EXPECTED_NUM_BLOCKS = {
     "preact_resnet56": 27,
     "vgg16_bn": 13,
     "mobilenet_v2": 17,
+    "wrn34_20": 15,
+    "preact_resnet18_wong": 8,
+    **{name: 3 * (depth - 4) // 6 for name, depth, _ in DM_WIDE_RESNETS},
 }
 # (10 classes, 100 classes). PRN-18 and WRN-34-10 are the spec's numbers; ResNet-18, WRN-28-10,
 # VGG16-BN and MobileNetV2 match the usual CIFAR reference implementations.
@@ -62,6 +70,17 @@ EXPECTED_PARAMS = {
     "preact_resnet56": (855_578, 861_428),
     "vgg16_bn": (14_728_266, 14_774_436),
     "mobilenet_v2": (2_236_682, 2_351_972),
+    # RobustBench's WideResNet(34, 20); Wong2020Fast is PreActResNet-18 without its final BN (-1,024).
+    "wrn34_20": (184_531_674, 184_646_964),
+    "preact_resnet18_wong": (11_171_146, 11_217_316),
+    # The DMWideResNets: WRN-28-10 as the ReLU one, WRN-70-16 ~ 267M (also checked by arithmetic below).
+    "wrn28_10_silu": (36_479_194, 36_536_884),
+    "wrn34_10_silu": (46_160_474, 46_218_164),
+    "wrn34_20_silu": (184_531_674, 184_646_964),
+    "wrn70_16_silu": (266_796_506, 266_888_756),
+    "wrn82_8_silu": (79_125_466, 79_171_636),
+    "wrn94_16_silu": (365_915_610, 366_007_860),
+    "wrn106_16_silu": (415_475_162, 415_567_412),
 }
 # Stage output shapes (C, H, W) at width 1 for 32x32 input (slim.md b.5 for the ResNets / WRN).
 FULL_WIDTH_STAGE_SHAPES = {
@@ -72,6 +91,9 @@ FULL_WIDTH_STAGE_SHAPES = {
     "preact_resnet56": [(16, 32, 32), (32, 16, 16), (64, 8, 8)],
     "vgg16_bn": [(64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2), (512, 1, 1)],
     "mobilenet_v2": [(24, 32, 32), (32, 16, 16), (96, 8, 8), (320, 4, 4)],
+    "wrn34_20": [(320, 32, 32), (640, 16, 16), (1280, 8, 8)],
+    "preact_resnet18_wong": [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)],
+    **{name: [(16 * k, 32, 32), (32 * k, 16, 16), (64 * k, 8, 8)] for name, _, k in DM_WIDE_RESNETS},
 }
 FEATURE_DIM = {
     "preact_resnet18": 512,
@@ -81,6 +103,9 @@ FEATURE_DIM = {
     "preact_resnet56": 64,
     "vgg16_bn": 512,
     "mobilenet_v2": 1280,
+    "wrn34_20": 1280,
+    "preact_resnet18_wong": 512,
+    **{name: 64 * k for name, _, k in DM_WIDE_RESNETS},
 }
 
 
@@ -324,7 +349,11 @@ def test_bad_options_raise() -> None:
 
 
 # Architecture options of the schemas, each at its default (what a config without the key builds).
-SCHEMA_OPTIONS = {"resnet18": {"stem": "conv3x3"}, "preact_resnet18": {"shortcut_input": "preact"}}
+SCHEMA_OPTIONS = {
+    "resnet18": {"stem": "conv3x3"},
+    "preact_resnet18": {"shortcut_input": "preact"},
+    **{name: {"stats": "dataset", "bn_momentum": 0.1} for name in DM_NAMES},
+}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -339,6 +368,7 @@ def test_conf_files(compose, name: str) -> None:
         "name": name,
         "width": 1.0,
         "normalize": "meanstd",
+        "init_from": None,
         **options,
     }
     assert cfg == {"name": name, **{k: f.default for k, f in schema.model_fields.items() if k != "name"}}

@@ -47,8 +47,8 @@ def _same_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize(
     "addons,stop_at",
-    [([], 3), (["addons=[iseat]", "addons.iseat.warm_start_epochs=0"], 8)],
-    ids=["plain", "iseat"],
+    [([], 3), (["addons=[iseat]", "addons.iseat.warm_start_epochs=0"], 8), (["ema.enabled=true"], 8)],
+    ids=["plain", "iseat", "ema"],
 )
 def test_signal_mid_epoch_then_resume_matches_straight_run(compose, tmp_path, monkeypatch, addons, stop_at):
     cfg = compose([*FAST, *addons])
@@ -74,6 +74,10 @@ def test_signal_mid_epoch_then_resume_matches_straight_run(compose, tmp_path, mo
     a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("straight", "split"))
     assert [h["train/loss"] for h in a["history"]] == [h["train/loss"] for h in b["history"]]
     assert b["mid_epoch"] is None
+    if "ema" in a:  # weight averaging: the average and its warm-up counter resume exactly too
+        assert a["ema"]["updates"] == b["ema"]["updates"] == 12
+        for k, v in a["ema"]["tensors"].items():
+            assert torch.equal(v, b["ema"]["tensors"][k]), k
 
 
 def test_previous_python_handler_is_chained(compose, tmp_path, monkeypatch) -> None:

@@ -156,3 +156,50 @@ def test_wandb_pull_with_a_fake_api(tmp_path: Path) -> None:
     assert "| pgd_at | best | 2 | 4.0 ± 0.0 | 90.00 ± 0.00 | 41.00 ± 1.41 |" in report.markdown
     with pytest.raises(ResultsError, match="ENTITY/PROJECT"):
         load_wandb_runs("no-slash", api=api)
+
+
+def _write_eval_only(run_dir: Path, identity: dict, kind: str, clean: float) -> None:
+    """results.json of `robust-eval` on weights robust-train did not train: no defense, no trainer."""
+    run_dir.mkdir(parents=True)
+    attacks = {"clean": {"accuracy": clean, "n": 100, "time_s": 0.5, "attack": {"name": "clean"}}}
+    res = {
+        "format": RESULTS_FORMAT, "version": RESULTS_VERSION, "seed": 0,
+        "config": {"seed": 0, "dataset": {"name": "cifar10"}, "model": {"name": "wrn28_10_silu"},
+                   "threat": {"norm": "linf", "eps": 8 / 255}, "logger": {"name": "none"}},
+        "model": identity, "train": {},
+        "eval": {"n_examples": 100, kind: {"epoch": -1, "attacks": attacks}},
+    }  # fmt: skip
+    (run_dir / "results.json").write_text(json.dumps(res))
+
+
+def test_models_robust_train_did_not_train_are_labelled_by_their_identity(tmp_path: Path) -> None:
+    root = tmp_path / "evals"
+    zoo = {"source": "robustbench", "name": "Wang2023Better_WRN-28-10", "sha256": "a" * 64}
+    _write_eval_only(root / "0", zoo, "robustbench", 92.0)
+    _write_eval_only(
+        root / "1", {**zoo, "name": "Other2024_WRN-28-10", "sha256": "b" * 64}, "robustbench", 90.0
+    )
+    _write_eval_only(
+        root / "2", {"source": "state_dict", "name": "mine", "sha256": "c" * 64}, "state_dict", 80.0
+    )
+    report = build_report(load_local_runs([root]), tmp_path / "out", plots=False)
+    assert [g.label for g in report.groups] == [
+        "robustbench:Other2024_WRN-28-10", "robustbench:Wang2023Better_WRN-28-10", "state_dict:mine",
+    ]  # fmt: skip
+    assert "| robustbench:Wang2023Better_WRN-28-10 | robustbench | 1 | -1.0 | 92.00 |" in report.markdown
+
+
+def test_weight_averaged_runs_get_an_ema_row_and_best_says_which_weights(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _write(run, "trades", 0, 85.0, 50.0)
+    res = json.loads((run / "results.json").read_text())
+    res["eval"]["best"]["weights"], res["eval"]["last"]["weights"] = "ema", "trained"
+    res["eval"]["ema"] = {**res["eval"]["last"], "weights": "ema", "epoch": 3}
+    res["eval"]["ema"]["attacks"] = {
+        k: {**v, "accuracy": v["accuracy"] + 2} for k, v in res["eval"]["last"]["attacks"].items()
+    }
+    (run / "results.json").write_text(json.dumps(res))
+    md = build_report(load_local_runs([run]), tmp_path / "out", plots=False).markdown
+    assert "| trades | best (ema) | 1 | 2.0 | 85.00 | 50.00 |" in md
+    assert "| trades | last | 1 | 3.0 | 84.00 | 49.00 |" in md
+    assert "| trades | ema | 1 | 3.0 | 86.00 | 51.00 |" in md

@@ -89,3 +89,36 @@ def test_addons_without_reference_epoch_and_autoattack_modes(bench, tmp_path) ->
     aa = result["autoattack"]
     assert aa["images"] == 2 and aa["lite_s_per_1000"] == pytest.approx(aa["lite_s"] * 500)
     assert json.loads(out.read_text())["ours_img_s"] > 0
+
+
+def test_data_mode_streams_a_written_file_and_reports_the_margin(bench, tmp_path) -> None:
+    path = tmp_path / "extra.npz"
+    result = bench.main([
+        "--mode", "data", "--device", "cpu", "--threads", "1", "--extra-images", "3000",
+        "--extra-path", str(path), "--data-batch", "64", "--data-steps", "6",
+        "--flop-model", "preact_resnet18", "--flop-width", "0.0625", "--flop-attack-steps", "1",
+        "--json", str(tmp_path / "d.json"),
+    ])  # fmt: skip
+    d = result["data"]
+    assert d["extra_images"] == 3000 and d["file_bytes"] > 3000 * 3072 and not path.exists()  # deleted
+    assert d["extra_per_batch"] == 44 and d["steps"] == 6  # int(64 * 0.7) extra, 20 original
+    assert d["delivered_img_s_cold"] > 0 and d["delivered_img_s_warm"] > 0 and d["peak_rss_mb"] > 0
+    assert d["gflop_per_image"] > 0 and "40% MFU" in d["gpu_assumption"]
+    assert d["gpu_consumed_img_s"] == pytest.approx(989.4 * 0.4 * 1e12 / (d["gflop_per_image"] * 1e9))
+    assert d["margin"] == pytest.approx(d["delivered_img_s_cold"] / d["gpu_consumed_img_s"])
+    assert json.loads((tmp_path / "d.json").read_text())["data"]["margin"] == pytest.approx(d["margin"])
+
+    kept = bench.main([
+        "--mode", "data", "--device", "cpu", "--extra-images", "500", "--extra-path", str(path),
+        "--data-batch", "16", "--data-steps", "2", "--flop-model", "preact_resnet18",
+        "--flop-width", "0.0625", "--flop-attack-steps", "1", "--keep",
+    ])["data"]  # fmt: skip
+    assert path.exists() and kept["file_kept"] and kept["write_s"] is not None
+    again = bench.main([
+        "--mode", "data", "--device", "cpu", "--extra-images", "500", "--extra-path", str(path),
+        "--data-batch", "16", "--data-steps", "2", "--flop-model", "preact_resnet18",
+        "--flop-width", "0.0625", "--flop-attack-steps", "1",
+    ])["data"]  # fmt: skip
+    assert (
+        again["write_s"] is None and path.exists()
+    )  # written once, reused; a given file the user kept stays

@@ -11,6 +11,7 @@ from torch import nn
 from robust_train.evaluation.evaluate import EvalSetup, evaluate_model
 from robust_train.models import check_state_dict_compatible
 from robust_train.tracking.checkpoint import load_checkpoint
+from robust_train.training.ema import checkpoint_weights, with_weights
 
 
 def suite_gap(evaluation: Mapping[str, Any]) -> dict[str, float] | None:
@@ -42,7 +43,11 @@ def sibling_checkpoint(checkpoint: str | Path) -> tuple[str, Path] | None:
 
 
 def evaluate_sibling(
-    setup: EvalSetup, model: nn.Module, checkpoint: str | Path, own_epoch: int
+    setup: EvalSetup,
+    model: nn.Module,
+    checkpoint: str | Path,
+    own_epoch: int,
+    own_weights: str | None = "trained",
 ) -> tuple[str, dict[str, Any]] | None:
     """The suite on the sibling of `checkpoint` (best <-> last) for the robust-overfitting gap.
 
@@ -50,6 +55,8 @@ def evaluate_sibling(
     returns (kind, entry shaped like results['eval'][kind]), or None when there is no sibling. A sibling
     saved at the same epoch holds the same weights and is not evaluated again. The sibling is only
     there for the gap, so the sanity checks (budgeted for the evaluated checkpoint) do not run on it.
+    The sibling is evaluated with its own default weights (best.pt of an EMA run: the averaged ones),
+    so it counts as the same only at the same epoch with the same weights (`own_weights`).
     """
     found = sibling_checkpoint(checkpoint)
     if found is None:
@@ -57,8 +64,10 @@ def evaluate_sibling(
     kind, path = found
     state = load_checkpoint(path, map_location=setup.x.device)
     epoch = int(state.get("epoch", -1))
-    if epoch == own_epoch:
-        return kind, {"epoch": epoch, "checkpoint": str(path), "same_as": Path(str(checkpoint)).stem}
-    check_state_dict_compatible(model, state["model"], str(path))
-    model.load_state_dict(state["model"])
-    return kind, evaluate_model(setup, model, kind, epoch, path, checks=False)
+    weights, which = checkpoint_weights(state, where=path)
+    if epoch == own_epoch and which == (own_weights or "trained"):
+        same = {"epoch": epoch, "checkpoint": str(path), "same_as": Path(str(checkpoint)).stem}
+        return kind, with_weights(same, which)
+    check_state_dict_compatible(model, weights, str(path))
+    model.load_state_dict(weights)
+    return kind, with_weights(evaluate_model(setup, model, kind, epoch, path, checks=False), which)
