@@ -68,3 +68,28 @@ def compose() -> Callable[..., object]:
             return hydra_compose(config_name=config_name, overrides=overrides or [])
 
     return _compose
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch) -> Callable[..., tuple[int, str]]:
+    """Run a console entry point in-process: `cli(main, prog, argv) -> (exit code, stderr + stdout)`.
+
+    Hydra's full-error mode is off so that the one-line messages users see are what the tests read.
+    """
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    def run(main: Callable[[], object], prog: str, argv: list[str]) -> tuple[int, str]:
+        monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+        monkeypatch.setattr(sys, "argv", [prog, *argv])
+        GlobalHydra.instance().clear()
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.err + out.out
+
+    return run

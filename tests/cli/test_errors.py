@@ -17,17 +17,6 @@ from robust_train.cli import eval_main, train_main
 BASE = ["debug=fast", "logger=none", "trainer.progress=false"]
 
 
-def invoke(main, prog: str, argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    monkeypatch.setattr(sys, "argv", [prog, *argv])
-    GlobalHydra.instance().clear()
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out = capsys.readouterr()
-    code = exc.value.code
-    return (code if isinstance(code, int) else 1), out.err + out.out
-
-
 def assert_one_line_refusal(code: int, text: str, prog: str, workdir: Path, *fragments: str) -> None:
     lines = text.strip().splitlines()
     assert code == 2, text
@@ -58,9 +47,9 @@ TRAIN_TYPOS: list[tuple[list[str], list[str]]] = [
 
 
 @pytest.mark.parametrize("overrides,fragments", TRAIN_TYPOS, ids=[" ".join(c[0]) for c in TRAIN_TYPOS])
-def test_train_typo_is_one_line(overrides, fragments, tmp_path, capsys, monkeypatch) -> None:
+def test_train_typo_is_one_line(cli, overrides, fragments, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    code, text = invoke(train_main, "robust-train", [*BASE, *overrides], capsys, monkeypatch)
+    code, text = cli(train_main, "robust-train", [*BASE, *overrides])
     assert_one_line_refusal(code, text, "robust-train", tmp_path, *fragments)
 
 
@@ -74,10 +63,12 @@ EVAL_CASES: list[tuple[list[str], list[str]]] = [
 
 
 @pytest.mark.parametrize("overrides,fragments", EVAL_CASES, ids=[" ".join(c[0]) for c in EVAL_CASES])
-def test_eval_group_it_does_not_use_is_refused(overrides, fragments, tmp_path, capsys, monkeypatch) -> None:
+def test_eval_group_it_does_not_use_is_refused(
+    cli, overrides, fragments, tmp_path, capsys, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     argv = ["checkpoint=missing.pt", "logger=none", *overrides]
-    code, text = invoke(eval_main, "robust-eval", argv, capsys, monkeypatch)
+    code, text = cli(eval_main, "robust-eval", argv)
     assert_one_line_refusal(code, text, "robust-eval", tmp_path, *fragments)
 
 
@@ -89,10 +80,10 @@ def test_eval_group_it_does_not_use_is_refused(overrides, fragments, tmp_path, c
         ("threat.eps=-0.1", ["threat.eps=-0.1", "out of range"]),
     ],
 )
-def test_refused_run_leaves_no_run_dir(override, fragments, tmp_path, capsys, monkeypatch) -> None:
+def test_refused_run_leaves_no_run_dir(cli, override, fragments, tmp_path, capsys, monkeypatch) -> None:
     """Schema errors surface inside the job, after Hydra made the run dir: the dir is removed again."""
     monkeypatch.chdir(tmp_path)
-    code, text = invoke(train_main, "robust-train", [*BASE, override], capsys, monkeypatch)
+    code, text = cli(train_main, "robust-train", [*BASE, override])
     errors = [line for line in text.splitlines() if line.startswith("robust-train: error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in text, text
     for fragment in fragments:
@@ -100,25 +91,25 @@ def test_refused_run_leaves_no_run_dir(override, fragments, tmp_path, capsys, mo
     assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
 
 
-def test_refused_run_keeps_a_dir_that_existed(tmp_path, capsys, monkeypatch) -> None:
+def test_refused_run_keeps_a_dir_that_existed(cli, tmp_path, capsys, monkeypatch) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine")
     argv = [*BASE, "threat.eps=-0.1", f"hydra.run.dir={run_dir}"]
-    code, _ = invoke(train_main, "robust-train", argv, capsys, monkeypatch)
+    code, _ = cli(train_main, "robust-train", argv)
     assert code == 2
     assert (run_dir / "notes.txt").read_text() == "mine"
 
 
-def test_eval_without_checkpoint_writes_nothing(tmp_path, capsys, monkeypatch) -> None:
+def test_eval_without_checkpoint_writes_nothing(cli, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    code, text = invoke(eval_main, "robust-eval", ["logger=none"], capsys, monkeypatch)
+    code, text = cli(eval_main, "robust-eval", ["logger=none"])
     assert_one_line_refusal(code, text, "robust-eval", tmp_path, "checkpoint is required")
 
 
-def test_grammar_errors_keep_hydra_message(tmp_path, capsys, monkeypatch) -> None:
+def test_grammar_errors_keep_hydra_message(cli, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    code, text = invoke(train_main, "robust-train", [*BASE, "trainer.epochs=[1,"], capsys, monkeypatch)
+    code, text = cli(train_main, "robust-train", [*BASE, "trainer.epochs=[1,"])
     assert code == 1 and "no viable alternative" in text and "Traceback" not in text, text
 
 
@@ -135,9 +126,9 @@ def test_full_error_env_still_raises(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("override", ["defense=pgd_at,tradez", "+defence=trades,mart"])
-def test_refused_sweep_writes_nothing(override, tmp_path, capsys, monkeypatch) -> None:
+def test_refused_sweep_writes_nothing(cli, override, tmp_path, capsys, monkeypatch) -> None:
     """A sweep whose options are checked only after Hydra made its dir (and multirun.yaml) removes it."""
     monkeypatch.chdir(tmp_path)
     argv = ["-m", *BASE, override, f"hydra.sweep.dir={tmp_path / 'sweeps' / 'x'}"]
-    code, text = invoke(train_main, "robust-train", argv, capsys, monkeypatch)
+    code, text = cli(train_main, "robust-train", argv)
     assert_one_line_refusal(code, text, "robust-train", tmp_path, "did you mean")

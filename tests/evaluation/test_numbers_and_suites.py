@@ -8,10 +8,8 @@ and CW numbers from results files of format version 1 (which ran cross-entropy) 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from robust_train.attacks import build_attack, build_threat
@@ -167,20 +165,9 @@ def test_eval_at_another_eps_rescales_old_absolute_steps(compose) -> None:
     assert build_attack(kept.eval.attacks.pgd20, build_threat(kept.threat)).step_size == pytest.approx(0.01)
 
 
-def _invoke(main, prog: str, argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    monkeypatch.setattr(sys, "argv", [prog, *argv])
-    GlobalHydra.instance().clear()
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.err + out.out
-
-
-def test_robust_eval_prints_and_stores_the_resolved_budget(compose, tmp_path, capsys, monkeypatch) -> None:
+def test_robust_eval_prints_and_stores_the_resolved_budget(
+    cli, compose, tmp_path, capsys, monkeypatch
+) -> None:
     """`robust-eval checkpoint=… eval=quick threat.eps=0.05` runs clean and PGD-20 at step 0.0125."""
     from robust_train.cli import eval_main
 
@@ -194,7 +181,7 @@ def test_robust_eval_prints_and_stores_the_resolved_budget(compose, tmp_path, ca
         f"checkpoint={ckpt}", "eval=quick", "threat.eps=0.05", "logger=none", "dataset.test_limit=16",
         "eval.n_examples=16", "eval.sanity.enabled=false", f"hydra.run.dir={out}",
     ]  # fmt: skip
-    code, text = _invoke(eval_main, "robust-eval", argv, capsys, monkeypatch)
+    code, text = cli(eval_main, "robust-eval", argv)
     assert code == 0, text
     assert "pgd20 (pgd): linf eps 0.05, step 0.0125, steps 20" in text
     assert text.index("pgd20 (pgd)") < text.index("accuracy (%) on 16 test images")

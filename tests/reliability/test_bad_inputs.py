@@ -9,12 +9,10 @@ the closest names.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from robust_train.builders import model_from_config
@@ -72,23 +70,10 @@ TRAIN_CASES: list[tuple[list[str], int, list[str]]] = [
 ]  # fmt: skip
 
 
-def _invoke(main, prog: str, argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    monkeypatch.setattr(sys, "argv", [prog, *argv])
-    GlobalHydra.instance().clear()
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out = capsys.readouterr()
-    code = exc.value.code
-    return (code if isinstance(code, int) else 1), out.err + out.out
-
-
 @pytest.mark.parametrize("overrides,code,fragments", TRAIN_CASES, ids=[" ".join(c[0]) for c in TRAIN_CASES])
-def test_bad_train_input(overrides, code, fragments, tmp_path, capsys, monkeypatch) -> None:
+def test_bad_train_input(cli, overrides, code, fragments, tmp_path, capsys, monkeypatch) -> None:
     run_dir = tmp_path / "run"
-    got, text = _invoke(
-        train_main, "robust-train", [*BASE, *overrides, f"hydra.run.dir={run_dir}"], capsys, monkeypatch
-    )
+    got, text = cli(train_main, "robust-train", [*BASE, *overrides, f"hydra.run.dir={run_dir}"])
     assert got == code, text
     assert "Traceback" not in text, text
     for fragment in fragments:
@@ -115,23 +100,23 @@ def _checkpoint(compose, path: Path, **config_changes) -> Path:
     return path
 
 
-def test_resume_from_another_architecture_is_refused(compose, tmp_path, capsys, monkeypatch) -> None:
+def test_resume_from_another_architecture_is_refused(cli, compose, tmp_path, capsys, monkeypatch) -> None:
     run_dir = tmp_path / "run"
     _checkpoint(compose, run_dir / "last.pt", model__name="resnet18")
-    code, text = _invoke(train_main, "robust-train", [*BASE, f"hydra.run.dir={run_dir}"], capsys, monkeypatch)
+    code, text = cli(train_main, "robust-train", [*BASE, f"hydra.run.dir={run_dir}"])
     assert code == 2 and "model.name='resnet18'" in text and "preact_resnet18" in text, text
 
 
-def test_results_file_of_another_version_is_refused(compose, tmp_path, capsys, monkeypatch) -> None:
+def test_results_file_of_another_version_is_refused(cli, compose, tmp_path, capsys, monkeypatch) -> None:
     run_dir = tmp_path / "run"
     _checkpoint(compose, run_dir / "last.pt")
     (run_dir / "results.json").write_text(json.dumps({"format": "robust-train-results", "version": 0}))
-    code, text = _invoke(train_main, "robust-train", [*BASE, f"hydra.run.dir={run_dir}"], capsys, monkeypatch)
+    code, text = cli(train_main, "robust-train", [*BASE, f"hydra.run.dir={run_dir}"])
     assert code == 2 and "results format version 0" in text and "reads versions 1, 2" in text, text
 
 
 @pytest.mark.parametrize("kind", ["missing", "absent", "truncated", "corrupt", "foreign", "architecture"])
-def test_bad_checkpoint_for_eval(kind, compose, tmp_path, capsys, monkeypatch) -> None:
+def test_bad_checkpoint_for_eval(cli, kind, compose, tmp_path, capsys, monkeypatch) -> None:
     args = ["logger=none", f"hydra.run.dir={tmp_path / 'eval'}", "eval=quick", "eval.n_examples=4"]
     path = tmp_path / "ckpt.pt"
     expected = {
@@ -155,5 +140,5 @@ def test_bad_checkpoint_for_eval(kind, compose, tmp_path, capsys, monkeypatch) -
         args.append("model.name=resnet18")
     if kind != "missing":
         args.append(f"checkpoint={path}")
-    code, text = _invoke(eval_main, "robust-eval", args, capsys, monkeypatch)
+    code, text = cli(eval_main, "robust-eval", args)
     assert code == 2 and expected in text and "Traceback" not in text, text
