@@ -31,7 +31,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from robust_train import hydra_ext
+from robust_train.console_log import console_record
 from robust_train.errors import ConfigError, RobustTrainError
+from robust_train.tracking.run_info import JobInfo
 
 CONFIG_DIR = str(hydra_ext.CONFIG_DIR)
 EXIT_USER_ERROR = 2
@@ -55,6 +57,40 @@ def _job_context() -> tuple[Path, str | None]:
     run_dir = Path(hc.runtime.output_dir)
     group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     return run_dir, group
+
+
+def _swept_keys(sweep_dir: Path) -> list[str]:
+    """The keys a multirun varies: its sweep overrides (`defense.beta=1,6`) and a sweeper's `params`.
+
+    Read from the sweep's multirun.yaml, which the launching process writes before any job starts and
+    which a SLURM job also sees (the sweep dir is on shared storage); [] when it cannot be read.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        sweep = OmegaConf.load(sweep_dir / "multirun.yaml")
+        overrides = list(OmegaConf.select(sweep, "hydra.overrides.task", default=None) or [])
+        params = OmegaConf.select(sweep, "hydra.sweeper.params", default=None) or {}
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - a name without swept values is better than a failed job
+        return []
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return keys + [str(k) for k in params if str(k) not in keys]
+
+
+def _job_info() -> JobInfo:
+    """This job's overrides and, in a multirun, the swept keys (for unique W&B names)."""
+    if not HydraConfig.initialized():
+        return JobInfo()
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    num = hc.job.num if multirun else None
+    return JobInfo(
+        overrides=list(hc.overrides.task),
+        swept=_swept_keys(Path(hc.sweep.dir)) if multirun else [],
+        num=int(num) if num is not None else None,
+        multirun=multirun,
+    )
 
 
 def _in_multirun() -> bool:
@@ -164,8 +200,25 @@ def _record_job_failure(prog: str, err: Exception) -> None:
     print(f"{prog}: job {hc.job.num} ({' '.join(overrides)}) failed: {message}", file=sys.stderr, flush=True)
 
 
+def _console_log() -> Path | None:
+    """The job's log file (Hydra's `<run dir>/<job name>.log`), which gets the whole console too."""
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.runtime.output_dir) / f"{hc.job.name}.log"
+
+
 def _run(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """One Hydra job. Single run: user errors exit 2. Multirun: any failure is this job's alone."""
+    """One Hydra job, its console recorded in its log file (epoch lines, tables, warnings, errors)."""
+    path = _console_log()
+    if path is None:
+        return _run_job(prog, fn, cfg)
+    with console_record(path):
+        return _run_job(prog, fn, cfg)
+
+
+def _run_job(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Single run: user errors exit 2. Multirun: any failure is this job's alone."""
     if not _in_multirun():
         return _guard(prog, fn, cfg)
     try:
@@ -194,7 +247,7 @@ def _train(cfg: DictConfig) -> float | None:
 
     run_dir, group = _job_context()
     _set_job_type(cfg, "train")
-    results = train_run(cfg, run_dir, group)
+    results = train_run(cfg, run_dir, group, job=_job_info())
     (run_dir / JOB_ERROR_FILE).unlink(missing_ok=True)  # an earlier failure of this job is history now
     best = (results.get("train") or {}).get("best") or {}
     value = best.get("val_robust_acc")
@@ -207,7 +260,7 @@ def _evaluate(cfg: DictConfig) -> None:
 
     out_dir, group = _job_context()
     _set_job_type(cfg, "eval")
-    evaluate_checkpoint(cfg, out_dir, group)
+    evaluate_checkpoint(cfg, out_dir, group, job=_job_info())
     (out_dir / JOB_ERROR_FILE).unlink(missing_ok=True)
 
 
@@ -317,7 +370,8 @@ def report_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None,
                         help="read the runs from a W&B project instead of local directories")  # fmt: skip
     parser.add_argument("--group", default=None, help="with --wandb: only runs of this W&B group (a sweep)")
-    parser.add_argument("--no-plots", action="store_true", help="write the markdown report only")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="write report.md and report.html only (no PNG plots)")  # fmt: skip
     args = parser.parse_args(argv)
 
     from robust_train.report import build_report, load_local_runs, load_wandb_runs
@@ -336,7 +390,8 @@ def report_main(argv: list[str] | None = None) -> None:
     except RobustTrainError as err:
         _fail("robust-report", str(err))
     print(report.markdown)
-    print(f"report: {report.path}" + "".join(f"\nplot: {p}" for p in report.plots), flush=True)
+    html = f"\nhtml: {report.html_path}" if getattr(report, "html_path", None) else ""
+    print(f"report: {report.path}{html}" + "".join(f"\nplot: {p}" for p in report.plots), flush=True)
 
 
 def export_main(argv: list[str] | None = None) -> None:

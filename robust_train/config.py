@@ -27,6 +27,7 @@ from robust_train.models import build_model, check_model
 from robust_train.registry import NODE_SCHEMAS
 from robust_train.schema import (
     STEP_HELP,
+    Flag,
     NonNegativeInt,
     PositiveInt,
     Schema,
@@ -75,6 +76,8 @@ class EvalConfig(Schema):
     checkpoints: list[Literal["best", "last", "ema"]] = ["best", "last"]
     sanity: SanityConfig = SanityConfig()
     attacks: dict[str, Any] = {}
+    # robust-train: evaluate a finished run again when it is rerun (otherwise its results are printed).
+    force: Flag = False
 
     def check(self, path: str) -> list[str]:
         problems = super().check(path)
@@ -275,14 +278,21 @@ def numeric_config(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a resolved config whose radii and step sizes are numbers in pixel units.
 
     Configs may write 8/255 or eps/4; results.json and W&B get the numbers every attack used, so a
-    column holds one type and can be filtered and plotted across datasets. Unparseable values are left
-    as written (validation reports them).
+    column holds one type and can be filtered and plotted across datasets. Every node with an `eps`
+    (the run's threat model, a dataset's, an attack's own, one nested in an attack's options) gets
+    numbers; a `step` resolves against the nearest `eps` above it, which is the run's `threat.eps` for
+    the training attack and the suite. Unparseable values are left as written (validation reports
+    them).
     """
     out = copy.deepcopy(config)
 
-    def convert(node: Any, eps: float | None) -> float | None:
+    def convert(node: Any, eps: float | None) -> None:
+        if isinstance(node, list):
+            for item in node:
+                convert(item, eps)
+            return
         if not isinstance(node, dict):
-            return eps
+            return
         try:
             if node.get("eps") is not None:
                 node["eps"] = eps = to_float(node["eps"], "eps")
@@ -290,18 +300,16 @@ def numeric_config(config: dict[str, Any]) -> dict[str, Any]:
                 node["step"] = resolve_step(node["step"], eps, "step")
         except ConfigError:
             pass
-        return eps
+        for key, child in node.items():
+            if key not in ("eps", "step"):
+                convert(child, eps)
 
-    dataset = out.get("dataset")
-    if isinstance(dataset, dict):
-        convert(dataset.get("threat"), None)
-    eps = convert(out.get("threat"), None)
-    defense = out.get("defense")
-    if isinstance(defense, dict):
-        convert(defense.get("attack"), eps)
-    suite = out.get("eval")
-    for node in ((suite.get("attacks") if isinstance(suite, dict) else None) or {}).values():
-        convert(node, eps)
+    threat = out.get("threat")
+    convert(threat, None)
+    run_eps = threat.get("eps") if isinstance(threat, dict) else None
+    for key, node in out.items():
+        if key != "threat":
+            convert(node, run_eps if isinstance(run_eps, float) else None)
     return out
 
 

@@ -47,6 +47,10 @@ _OUR_PACKAGE_PATHS = ("pkg://robust_train.conf", "pkg://robust_train/conf")
 # Config groups that exist for composition only (the schemas' defaults that group YAMLs extend, stored
 # by registry.store_schema_defaults): never offered in --help, completion or error messages.
 INTERNAL_GROUPS = ("schema",)
+# Per primary config: keys it composes from a shared schema but never reads, left out of its --help
+# (robust-eval evaluates the one checkpoint it is given, so the suite's `checkpoints` and `force`,
+# which tell robust-train what to evaluate after training, mean nothing there).
+UNUSED_KEYS: dict[str, tuple[str, ...]] = {"evaluate": ("eval.checkpoints", "eval.force")}
 # (prog, primary config name) of the command running in this process, while it runs.
 _command: tuple[str, str] | None = None
 
@@ -152,7 +156,18 @@ def install() -> None:
 
     Plugins.instance().register(RobustTrainSearchPath)
     _install_nested_completion()
+    _register_resolvers()
     store_schema_defaults()
+
+
+def _register_resolvers() -> None:
+    """`${robust_eval_dir:...}`: robust-eval's output dir beside the checkpoint (eval_dirs.py)."""
+    from omegaconf import OmegaConf
+
+    from robust_train.eval_dirs import eval_dir
+
+    if not OmegaConf.has_resolver("robust_eval_dir"):
+        OmegaConf.register_new_resolver("robust_eval_dir", eval_dir)
 
 
 # ----------------------------------------------------------------------------- group options
@@ -261,6 +276,24 @@ def _install_help_filter() -> None:
         return original(self, lambda group: predicate(group) and shown(group), compact)
 
     Hydra.format_config_groups = format_config_groups  # type: ignore[method-assign]
+
+    original_help = getattr(Hydra, "get_help", None)
+    if original_help is None:
+        return
+
+    def get_help(self: Any, help_cfg: Any, cfg: Any, *args: Any, **kwargs: Any) -> str:
+        from omegaconf import OmegaConf, open_dict
+
+        # Keys the command's config composes (a shared schema) but never reads.
+        for key in UNUSED_KEYS.get(_command[1], ()) if _command is not None else ():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if node is not None and leaf in node:
+                with open_dict(node):
+                    node.pop(leaf)
+        return str(original_help(self, help_cfg, cfg, *args, **kwargs))
+
+    Hydra.get_help = get_help  # type: ignore[method-assign]
 
 
 def _group_of(word: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -11,6 +13,7 @@ from torch import nn
 
 from robust_train.addons import build_addons
 from robust_train.builders import model_from_config, threat_from_config
+from robust_train.commands.train import run_tags
 from robust_train.config import (
     numeric_config,
     resolve_device,
@@ -20,6 +23,7 @@ from robust_train.config import (
 from robust_train.data import build_dataset
 from robust_train.defenses import build_defense
 from robust_train.errors import CheckpointError, ConfigError
+from robust_train.eval_dirs import checkpoint_file
 from robust_train.evaluation.analysis import (
     evaluate_sibling,
     format_analysis,
@@ -35,6 +39,7 @@ from robust_train.models import Normalize, check_model, check_state_dict_compati
 from robust_train.schema import did_you_mean, raise_problems, relative_step_factor, to_float, validate_node
 from robust_train.tracking.checkpoint import checksum_path, load_checkpoint, seed_everything
 from robust_train.tracking.results import format_table, new_results, write_results
+from robust_train.tracking.run_info import JobInfo, run_metadata, unique_name
 from robust_train.tracking.wandb_run import build_tracker
 from robust_train.training.ema import checkpoint_weights, with_weights
 from robust_train.zoo import (
@@ -325,7 +330,7 @@ def model_source(cfg: DictConfig, overrides: list[str]) -> ModelSource:
         return _zoo_source(cfg, given)
     if chosen[0] == "state_dict":
         return _state_dict_source(cfg, given)
-    path = Path(str(cfg.checkpoint))
+    path = checkpoint_file(str(cfg.checkpoint))  # a run directory means its best.pt
     return ModelSource("robust-train", f"{path.parent.name}/{path.stem}", path, load_checkpoint(path), cfg)
 
 
@@ -388,13 +393,36 @@ def _command_line_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def training_run_link(source: ModelSource) -> dict[str, Any]:
+    """The W&B run that trained a robust-train checkpoint: id, name and group, from the checkpoint (or
+    the results.json beside it, for checkpoints written before the checkpoint carried them)."""
+    if source.kind != "robust-train":
+        return {}
+    link = dict(source.state.get("wandb") or {})
+    link.setdefault("run_id", source.state.get("wandb_run_id"))
+    if not link.get("group") or not link.get("name"):
+        try:
+            beside = json.loads((source.path.parent / "results.json").read_text()).get("wandb") or {}
+        except (OSError, ValueError, AttributeError):
+            beside = {}
+        for key in ("run_id", "group", "name"):
+            if not link.get(key) and beside.get(key):
+                link[key] = beside[key]
+    return {k: link.get(k) for k in ("run_id", "name", "group")}
+
+
 def evaluate_checkpoint(
-    cfg: DictConfig, out_dir: Path, group: str | None = None, overrides: list[str] | None = None
+    cfg: DictConfig,
+    out_dir: Path,
+    group: str | None = None,
+    overrides: list[str] | None = None,
+    job: JobInfo | None = None,
 ) -> dict[str, Any]:
     """Rebuild the checkpoint's model, run the eval suite on the test set, write out_dir/results.json.
 
     `overrides` are the command line's Hydra overrides (read from Hydra when None): they tell a chosen
-    `eval=` suite from the default one.
+    `eval=` suite from the default one. The W&B run joins the group of the run that trained the model,
+    with the checkpoint's path, kind and training run in its config (`checkpoint`, `train_run`).
     """
     validate_eval_config(cfg)
     analysis_names = validate_analysis(cfg.get("analysis"), cfg.get("analysis_options"))
@@ -452,23 +480,36 @@ def evaluate_checkpoint(
     config = numeric_config(_plain_dict(full, resolve=True))
     if source.kind != "robust-train":
         config = {k: v for k, v in config.items() if k in FOREIGN_CONFIG_KEYS}
-    run_name = (
-        f"eval-{source.path.parent.name}-{source.path.stem}" if source.kind == "robust-train"
-        else f"eval-{source.kind}-{source.name}"
+    kind = source.path.stem if source.kind == "robust-train" else source.kind
+    trained_by = training_run_link(source)
+    suite = str(full.eval.get("name") or "eval")
+    base_name = (
+        f"eval {suite} {kind}: {trained_by.get('name') or source.path.parent.name}"
+        if source.kind == "robust-train" else f"eval {suite}: {source.kind} {source.name}"
     )  # fmt: skip
+    info = run_metadata(job, out_dir, device, model)
+    link = {"checkpoint": str(source.path.resolve()), "checkpoint_kind": kind, "train_run": trained_by}
+    tags = [f"dataset:{full.dataset.name}", f"model:{full.model.name}", "eval", f"source:{source.kind}"]
+    if source.kind == "robust-train":
+        tags += [t for t in run_tags(full) if t not in tags]
+    elif source.kind == "robustbench":
+        tags.append(f"zoo:{source.name}")
     setup.tracker = build_tracker(
         full.logger,
         out_dir,
-        {**config, "model_identity": identity},
-        name=run_name,
-        group=group,
-        tags=[f"dataset:{full.dataset.name}", f"model:{full.model.name}", "eval", f"source:{source.kind}"]
-        + ([f"zoo:{source.name}"] if source.kind == "robustbench" else []),
+        {**config, **link, "model_identity": identity, "run": info},
+        name=unique_name(base_name, job),
+        # Beside the run that trained the model (its sweep, or its own name for a single run).
+        group=trained_by.get("group") or group,
+        tags=tags,
     )
+    setup.tracker.use_checkpoint(trained_by.get("run_id"), kind)
     results = new_results(config, seed, str(device), out_dir)
     results["model"] = identity
     results["checkpoint"] = str(source.path)
-    kind = source.path.stem if source.kind == "robust-train" else source.kind
+    results["run"] = info
+    results["train_run"] = trained_by
+    results["wandb"] = {"run_id": setup.tracker.run_id, "group": setup.tracker.group}
     try:
         entry = evaluate_model(setup, model, kind, int(state.get("epoch", -1)), source.path)
         if which is not None:
@@ -489,8 +530,11 @@ def evaluate_checkpoint(
             write_results(results, out_dir / "results.json")
             log_analysis(setup.tracker, results["analysis"])
         log_evaluation(setup.tracker, results["eval"])
-    except BaseException:
-        setup.tracker.finish(exit_code=1)
+    except (SystemExit, KeyboardInterrupt):
+        setup.tracker.finish(exit_code=130)
+        raise
+    except BaseException as err:
+        setup.tracker.fail(f"{type(err).__name__}: {err}", traceback.format_exc(limit=-8))
         raise
     setup.tracker.finish(exit_code=0)
     print(format_identity(identity), flush=True)

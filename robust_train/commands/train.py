@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ from robust_train.models.init import initialize_from
 from robust_train.schema import validate_node
 from robust_train.tracking.checkpoint import load_checkpoint, resumable_checkpoint, seed_everything
 from robust_train.tracking.results import format_table, new_results, read_results, write_results
+from robust_train.tracking.run_info import JobInfo, run_metadata, unique_name
 from robust_train.tracking.wandb_run import Tracker, build_tracker
 from robust_train.training.callbacks import InstanceTracking
 from robust_train.training.ema import EMAConfig, checkpoint_weights, with_weights
@@ -41,6 +43,57 @@ def defense_label(cfg: DictConfig) -> str:
 def run_name(cfg: DictConfig) -> str:
     addons = "".join(f"+{name}" for name, _ in selected(cfg))
     return cfg.get("name") or f"{cfg.dataset.name}-{cfg.model.name}-{defense_label(cfg)}{addons}-s{cfg.seed}"
+
+
+def _same_run(stored: dict[str, Any], numbers: dict[str, Any]) -> bool:
+    """Whether a stored run config trained what this config trains and asked for the same evaluation."""
+
+    def key(config: dict[str, Any]) -> Any:
+        suite = {k: v for k, v in (config.get("eval") or {}).items() if k != "force"}
+        # Where the data lives may differ between machines; what it is may not.
+        data = {k: v for k, v in (config.get("dataset") or {}).items() if k not in ("root", "download")}
+        trained = [data] + [config.get(k) for k in ("seed", "model", "defense", "addons", "ema")]
+        return suite, config.get("threat"), trained
+
+    return bool(key(stored) == key(numbers))
+
+
+def finished_results(cfg: DictConfig, run_dir: Path, numbers: dict[str, Any]) -> dict[str, Any] | None:
+    """results.json of a run in `run_dir` that has nothing left to do, else None.
+
+    Finished means: every epoch asked for was trained, and each requested checkpoint kind was evaluated
+    with the suite and radius this config asks for. A longer `trainer.epochs`, another suite or another
+    eps is work left to do; `eval.force=true` evaluates again anyway.
+    """
+    path = run_dir / "results.json"
+    if cfg.eval.get("force") or not path.is_file():
+        return None
+    try:
+        results = read_results(path)
+    except Exception:  # noqa: BLE001 - an unreadable file is refused on the resume path, with its reason
+        return None
+    done = int((results.get("train") or {}).get("epochs_completed") or 0)
+    evaluation = results.get("eval") or {}
+    kinds = list(cfg.eval.get("checkpoints") or ["last"])
+    evaluated = all(k in evaluation or not resumable_checkpoint(run_dir / f"{k}.pt") for k in kinds)
+    if done < int(cfg.trainer.epochs) or not evaluation or not evaluated:
+        return None
+    if not _same_run(results.get("config") or {}, numbers):
+        return None
+    return results
+
+
+def best_summary(trainer: Trainer) -> dict[str, Any]:
+    """W&B summary values of the selected (best) epoch: `best_epoch` and every metric of that epoch.
+
+    W&B's own summary keeps the last value of each metric (or a max from any epoch), which is not the
+    checkpoint best.pt holds.
+    """
+    epoch = trainer.best.get("epoch")
+    if epoch is None:
+        return {}
+    record = next((r for r in trainer.history if r.get("epoch") == epoch), {})
+    return {"best_epoch": epoch} | {f"best/{k}": v for k, v in record.items() if k != "epoch"}
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
@@ -108,8 +161,15 @@ def evaluate_checkpoints(
     return out
 
 
-def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
-    """Train, resume or finish the run in `run_dir`; returns the results written to results.json."""
+def train_run(
+    cfg: DictConfig, run_dir: Path, group: str | None = None, job: JobInfo | None = None
+) -> dict[str, Any]:
+    """Train, resume or finish the run in `run_dir`; returns the results written to results.json.
+
+    `group` is the W&B group (the sweep's name in a multirun, else the run's name); `job` says which
+    overrides this Hydra job has and which keys its sweep varies (they go into the W&B name).
+    A finished run is not evaluated again (`eval.force=true` does): its results are printed.
+    """
     validate_train_config(cfg)
     check_training_data(cfg.dataset)  # extra files, a training split: what robust-eval does not need
     run_dir = Path(run_dir)
@@ -120,6 +180,18 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
     # rescales it); results.json and W&B get the numbers each attack used.
     config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     numbers = numeric_config(config)
+
+    finished = finished_results(cfg, run_dir, numbers)
+    if finished is not None:
+        epochs = (finished.get("train") or {}).get("epochs_completed")
+        print(
+            f"{run_dir} finished: {epochs} epochs trained and evaluated; its results follow "
+            "(eval.force=true evaluates again)",
+            flush=True,
+        )
+        print(format_table(finished["eval"]), flush=True)
+        print(f"results: {run_dir / 'results.json'}", flush=True)
+        return finished
 
     resume_state = None
     last = run_dir / "last.pt"
@@ -147,20 +219,25 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
         check_state_dict_compatible(model, resume_state["model"], str(last))
     instance_tracking = InstanceTracking.from_config(cfg, run_dir, data, threat)  # opt-in, None when off
 
+    name = unique_name(run_name(cfg), job)
+    info = run_metadata(job, run_dir, device, model)
     tracker = build_tracker(
         cfg.logger,
         run_dir,
-        numbers,
-        name=run_name(cfg),
-        group=group,
+        {**numbers, "run": info},
+        name=name,
+        # A single run is its own group, which its robust-eval runs join.
+        group=group or name,
         tags=run_tags(cfg),
         resume_id=resume_state.get("wandb_run_id") if resume_state else None,
     )
     results = new_results(numbers, seed, str(device), run_dir)
-    results["wandb"] = {"run_id": tracker.run_id, "group": tracker.group}
+    results["run"] = info
+    results["wandb"] = {"run_id": tracker.run_id, "group": tracker.group, "name": name}
     results_path = run_dir / "results.json"
     meta = {
         "config": config,
+        "wandb": results["wandb"],
         "init_from": init_from,
         "num_classes": data.num_classes,
         "mean": list(data.mean),
@@ -175,6 +252,7 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
             "history": trainer.history,
         }
         write_results(results, results_path)
+        tracker.summary(best_summary(trainer) | {"epochs_completed": trainer.epoch})
 
     trainer = Trainer(
         cfg, run_dir, data, model, defense, optimizer, threat, addons=addons,
@@ -198,12 +276,16 @@ def train_run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[
             results["eval"]["gap"] = gap  # robust overfitting: best minus last, per attack
         log_evaluation(tracker, results["eval"])
         write_results(results, results_path)
+    except (SystemExit, KeyboardInterrupt) as err:
+        # A stop signal or Ctrl-C (submitit requeues a preempted/timed-out job by exiting from its
+        # handler): the run resumes later into the same W&B run, so it is preempted, not failed.
+        tracker.mark_preempting()
+        code = err.code if isinstance(err, SystemExit) and isinstance(err.code, int) else 130
+        tracker.finish(exit_code=code or 1)
+        raise
     except BaseException as err:
-        if isinstance(err, SystemExit):
-            # A stop signal (submitit requeues a preempted/timed-out job by exiting from its handler):
-            # the run resumes later into the same W&B run, so it is preempted, not failed.
-            tracker.mark_preempting()
-        tracker.finish(exit_code=1)
+        message = f"{type(err).__name__}: {err}"
+        tracker.fail(message, traceback.format_exc(limit=-8))
         raise
     print(format_table(results["eval"]), flush=True)
     if format_gap(results["eval"].get("gap")):

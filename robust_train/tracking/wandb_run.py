@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -44,6 +45,7 @@ class Tracker:
 
     run_id: str | None = None
     group: str | None = None
+    name: str | None = None
 
     def log(self, metrics: dict[str, Any]) -> None:
         """Log a dict of scalars (keys like 'train/loss'; include 'epoch')."""
@@ -65,6 +67,13 @@ class Tracker:
     ) -> None:
         """A table of clean and adversarial example images with the model's predictions, per attack."""
 
+    def fail(self, message: str, details: str | None = None) -> None:
+        """Close the run as failed, with the error in its summary (`error`) and notes."""
+
+    def use_checkpoint(self, train_run_id: str | None, kind: str) -> bool:
+        """Record the training run's checkpoint artifact (`model-<id>:<kind>`) as this run's input."""
+        return False
+
     def mark_preempting(self) -> None:
         """The process is about to stop for a preemption or time-out and will be resumed later."""
 
@@ -72,8 +81,19 @@ class Tracker:
         """Close the run with its exit code."""
 
 
+# Beside W&B's own `wandb/` folder: the last history step written, so a resumed run continues its step axis.
+STEP_FILE = "robust-train-step.json"
+
+
 class WandbTracker(Tracker):
-    """Wraps a wandb run. The first error disables it with one warning; training goes on."""
+    """Wraps a wandb run. The first error disables it with one warning; training goes on.
+
+    Everything the run writes stays below its W&B dir (the run directory by default): W&B's staging
+    copies of tables and images and its cache would otherwise go to the user's home directory, where an
+    offline run copied to another machine for `wandb sync` would lose them. Every record is logged at an
+    explicit step kept in `robust-train-step.json`: W&B numbers the steps of an offline run from 0 again
+    when it resumes (it cannot ask the server), and the synced run would drop the resumed epochs.
+    """
 
     def __init__(
         self,
@@ -91,15 +111,22 @@ class WandbTracker(Tracker):
         self._run = None
         self.run_id = resume_id
         self.group = logger.group or group
+        self.name = name
+        self.mode = logger.mode
         self.log_checkpoints = logger.log_checkpoints
         self.example_images = logger.example_images
+        wandb_dir = Path(logger.dir or run_dir)
+        self._step_file = wandb_dir / "wandb" / STEP_FILE
+        self.step = self._resume_step(resume_id)
+        self._saved_env: dict[str, str | None] = {}
         try:
             import wandb
 
             self._wandb = wandb
-            wandb_dir = Path(logger.dir or run_dir)
-            wandb_dir.mkdir(parents=True, exist_ok=True)
+            (wandb_dir / "wandb").mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("WANDB_SILENT", "true")
+            own = wandb_dir / "wandb"
+            self._set_env({"WANDB_DATA_DIR": own / "data", "WANDB_CACHE_DIR": own / "cache"})
             self._run = wandb.init(
                 project=logger.project,
                 entity=logger.entity,
@@ -118,11 +145,34 @@ class WandbTracker(Tracker):
             self._run.define_metric("epoch")
             for pattern in ("train/*", "val/*", "lr"):
                 self._run.define_metric(pattern, step_metric="epoch")
-            self._run.define_metric("val/robust_acc", step_metric="epoch", summary="max")
-            self._run.define_metric("val/clean_acc", step_metric="epoch", summary="max")
-            self._run.define_metric("train/loss", step_metric="epoch", summary="min")
         except Exception as err:  # W&B must never stop training
             self._fail(err)
+
+    def _resume_step(self, resume_id: str | None) -> int:
+        """The first step of this process: one after the last one the same W&B run wrote."""
+        if resume_id is None:
+            return 0
+        try:
+            saved = json.loads(self._step_file.read_text())
+        except (OSError, ValueError):
+            return 0
+        if saved.get("run_id") != resume_id or not isinstance(saved.get("step"), int):
+            return 0
+        return int(saved["step"]) + 1
+
+    def _set_env(self, values: dict[str, Path]) -> None:
+        for key, path in values.items():
+            path.mkdir(parents=True, exist_ok=True)
+            self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = str(path)
+
+    def _restore_env(self) -> None:
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env.clear()
 
     def _fail(self, err: BaseException) -> None:
         warnings.warn(
@@ -131,12 +181,23 @@ class WandbTracker(Tracker):
             stacklevel=3,
         )
         self._run = None
+        self._restore_env()
+
+    def _log(self, payload: dict[str, Any]) -> None:
+        """One history record at the next step of this run's own step axis."""
+        assert self._run is not None
+        self._run.log(payload, step=self.step)
+        try:
+            self._step_file.write_text(json.dumps({"run_id": self.run_id, "step": self.step}) + "\n")
+        except OSError:  # the step axis of a later resume may restart; the run goes on
+            pass
+        self.step += 1
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self._run is None:
             return
         try:
-            self._run.log(metrics)
+            self._log(metrics)
         except Exception as err:
             self._fail(err)
 
@@ -145,7 +206,7 @@ class WandbTracker(Tracker):
             return
         try:
             cols: list[str | int] = [*columns]  # wandb's annotation; the names are strings
-            self._run.log({key: self._wandb.Table(columns=cols, data=rows)})
+            self._log({key: self._wandb.Table(columns=cols, data=rows)})
         except Exception as err:
             self._fail(err)
 
@@ -153,7 +214,7 @@ class WandbTracker(Tracker):
         if self._run is None:
             return
         try:
-            self._run.log({k: self._wandb.Image(str(p)) for k, p in images.items()})
+            self._log({k: self._wandb.Image(str(p)) for k, p in images.items()})
         except Exception as err:
             self._fail(err)
 
@@ -165,6 +226,33 @@ class WandbTracker(Tracker):
                 self._run.summary[k] = v
         except Exception as err:
             self._fail(err)
+
+    def fail(self, message: str, details: str | None = None) -> None:
+        if self._run is None:
+            return
+        try:
+            # The summary's `error` is a column to filter failed runs by; the notes show the whole text.
+            self._run.summary["error"] = message
+            self._run.notes = message + (f"\n\n{details}" if details else "")
+        except Exception as err:
+            self._fail(err)
+        self.finish(exit_code=1)
+
+    def use_checkpoint(self, train_run_id: str | None, kind: str) -> bool:
+        if self._run is None or not self.log_checkpoints or not train_run_id:
+            return False
+        if self.mode != "online":
+            return False  # W&B refuses use_artifact offline; the config's checkpoint keys link the runs
+        try:
+            self._run.use_artifact(f"model-{train_run_id}:{kind}", type="model")
+        except Exception as err:  # e.g. the training run did not upload its checkpoints
+            warnings.warn(
+                f"W&B: could not mark model-{train_run_id}:{kind} as this run's input ({err})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+        return True
 
     def log_checkpoint(self, path: Path, aliases: list[str]) -> None:
         if self._run is None or not self.log_checkpoints or not Path(path).exists():
@@ -195,7 +283,7 @@ class WandbTracker(Tracker):
                  image(r["adversarial"]), r["adv_pred"], r["correct"], r["linf"]]
                 for r in rows
             ]  # fmt: skip
-            self._run.log({key: self._wandb.Table(columns=columns, data=data)})
+            self._log({key: self._wandb.Table(columns=columns, data=data)})
         except Exception as err:
             self._fail(err)
 
@@ -216,6 +304,7 @@ class WandbTracker(Tracker):
         except Exception as err:
             self._fail(err)
         self._run = None
+        self._restore_env()
 
 
 def example_rows(model: Any, attacks: dict[str, Any], x_uint8: Any, y: Any) -> list[dict[str, Any]]:

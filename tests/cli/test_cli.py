@@ -50,13 +50,21 @@ def test_train_writes_checkpoints_and_results(trained_run: Path) -> None:
         assert attacks["pgd20"]["attack"]["steps"] == 20
 
 
-def test_rerun_in_same_dir_resumes_without_retraining(trained_run: Path) -> None:
+def test_rerun_of_a_finished_run_prints_its_results_and_force_evaluates_again(trained_run: Path) -> None:
     before = load_checkpoint(trained_run / "last.pt")["model"]
+    results = (trained_run / "results.json").read_text()
     proc = run_cli("robust-train", *FAST, f"hydra.run.dir={trained_run}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resumed from" in proc.stdout
+    assert "finished: 1 epochs trained and evaluated" in proc.stdout and "resumed from" not in proc.stdout
+    assert "| checkpoint |" in proc.stdout and "eval.force=true" in proc.stdout
+    assert (trained_run / "results.json").read_text() == results  # nothing evaluated, nothing written
+
+    proc = run_cli("robust-train", *FAST, f"hydra.run.dir={trained_run}", "eval.force=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout and "finished:" not in proc.stdout
     after = load_checkpoint(trained_run / "last.pt")["model"]
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # evaluated again, not retrained
+    assert json.loads((trained_run / "results.json").read_text())["config"]["eval"]["force"] is True
 
 
 def test_robust_eval_on_checkpoint(trained_run: Path, tmp_path: Path) -> None:

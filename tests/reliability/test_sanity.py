@@ -120,7 +120,7 @@ class _SummaryRun:
     def define_metric(self, *args, **kwargs) -> None:
         pass
 
-    def log(self, metrics) -> None:
+    def log(self, metrics, step=None) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:

@@ -40,7 +40,7 @@ class FakeRun:
     def define_metric(self, *args, **kwargs) -> None:
         pass
 
-    def log(self, metrics: dict) -> None:
+    def log(self, metrics: dict, step: int | None = None) -> None:
         self.logged.append(metrics)
 
     def log_artifact(self, artifact, aliases=None) -> None:
@@ -203,4 +203,4 @@ def test_stop_signal_marks_the_wandb_run_preempted(fake_wandb, compose, tmp_path
     monkeypatch.setattr(Trainer, "train_epoch", preempted)
     with pytest.raises(SystemExit):
         train_run(compose([*TINY, "logger=wandb"]), tmp_path / "run")
-    assert fake_wandb[0].preempting and fake_wandb[0].finished == [1]
+    assert fake_wandb[0].preempting and fake_wandb[0].finished == [-1]  # the exit code, not 0

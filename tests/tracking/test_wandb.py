@@ -42,7 +42,7 @@ class _FlakyRun:
     def define_metric(self, *args, **kwargs) -> None:
         self.calls.append("define_metric")
 
-    def log(self, metrics) -> None:
+    def log(self, metrics, step=None) -> None:
         raise OSError("disk quota exceeded in wandb dir")
 
     def finish(self, exit_code: int = 0) -> None:
