@@ -14,6 +14,7 @@ config folders, nested-option completion and the rewording of Hydra's errors liv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -38,6 +39,8 @@ from robust_train.tracking.run_info import JobInfo
 CONFIG_DIR = str(hydra_ext.CONFIG_DIR)
 EXIT_USER_ERROR = 2
 EXIT_JOB_FAILED = 1
+# Ctrl-C: 128 + SIGINT, what a shell reports for a process that SIGINT ended.
+EXIT_INTERRUPTED = 130
 # Written into a multirun job's output dir when the job fails; removed when the job later succeeds.
 JOB_ERROR_FILE = "error.json"
 
@@ -211,10 +214,11 @@ def _console_log() -> Path | None:
 def _run(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """One Hydra job, its console recorded in its log file (epoch lines, tables, warnings, errors)."""
     path = _console_log()
-    if path is None:
-        return _run_job(prog, fn, cfg)
-    with console_record(path):
-        return _run_job(prog, fn, cfg)
+    with console_record(path) if path is not None else contextlib.nullcontext():
+        try:
+            return _run_job(prog, fn, cfg)
+        except KeyboardInterrupt:
+            _interrupted(prog)
 
 
 def _run_job(prog: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
@@ -286,8 +290,18 @@ def _main(prog: str, config_name: str, app: Callable[[], Any]) -> None:
         hydra_ext.install()
     except RobustTrainError as err:  # e.g. a plugin that fails to import
         _fail(prog, str(err))
-    with hydra_ext.hydra_errors_reported(prog, config_name, _refuse):
-        app()
+    try:
+        with hydra_ext.hydra_errors_reported(prog, config_name, _refuse):
+            app()
+    except KeyboardInterrupt:
+        _interrupted(prog)
+
+
+def _interrupted(prog: str) -> None:
+    """Ctrl-C outside the training loop (which checkpoints and exits by itself), or a second Ctrl-C:
+    one line instead of a traceback; rerunning the same command resumes from the last checkpoint."""
+    print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def train_main() -> None:
@@ -390,7 +404,7 @@ def report_main(argv: list[str] | None = None) -> None:
     except RobustTrainError as err:
         _fail("robust-report", str(err))
     print(report.markdown)
-    html = f"\nhtml: {report.html_path}" if getattr(report, "html_path", None) else ""
+    html = f"\nhtml: {report.html_path}" if report.html_path else ""
     print(f"report: {report.path}{html}" + "".join(f"\nplot: {p}" for p in report.plots), flush=True)
 
 

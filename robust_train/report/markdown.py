@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from robust_train.report.aggregate import Group, paper_rows
+from robust_train.report.plots import CAPTIONS
 from robust_train.report.runs import CE_AS_CW_MARK, RunRecord
 from robust_train.tracking.results import checkpoint_label
 
@@ -74,7 +75,9 @@ def render(groups: list[Group], runs: list[RunRecord], plots: list[str]) -> str:
     )
     if n_examples:
         out.append(f"Test images per evaluation: {', '.join(str(n) for n in n_examples)}.")
-    out += ["", "## Accuracy per attack", ""] + accuracy_table(groups)
+    out += ["", "## Accuracy per attack", ""] + accuracy_table(groups) + _labels_notes(groups)
+    if plots:
+        out += _plots_section(plots)
     if any(a.endswith(CE_AS_CW_MARK) for g in groups for a in g.attacks):
         out += [
             "",
@@ -111,9 +114,22 @@ def render(groups: list[Group], runs: list[RunRecord], plots: list[str]) -> str:
         out += ["", "## Failed or unfinished runs", ""]
         for r in others:
             out.append(f"- `{r.name}`: {r.status}" + (f": {r.error}" if r.error else ""))
-    if plots:
-        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def _plots_section(plots: list[str]) -> list[str]:
+    out = ["", "## Plots", ""]
+    for p in plots:
+        out += [f"![{CAPTIONS.get(p, p)}]({p})", ""]
+    return out[:-1]
+
+
+def _labels_notes(groups: list[Group]) -> list[str]:
+    """The whole label of groups whose label was cut for the tables and legends."""
+    cut = [g for g in groups if g.full_label]
+    if not cut:
+        return []
+    return ["", "Labels cut short above, in full:", ""] + [f"- {g.label}: {g.full_label}" for g in cut]
 
 
 def _sanity_cell(run: RunRecord) -> str:

@@ -56,6 +56,26 @@ def parse_eps(value: Any) -> float | None:
         return None
 
 
+def format_eps(value: float) -> str:
+    """An epsilon for people: `8/255` when it is a whole number of 255ths below 1, else a short float.
+
+    Image budgets are chosen in 255ths; 0.0313725 tells nobody that it is 8/255.
+    """
+    k = value * 255
+    if 0 < value < 1 and abs(k - round(k)) < 1e-6 * max(1.0, k):
+        return f"{round(k)}/255"
+    return f"{value:.4g}"
+
+
+def run_eps(config: dict[str, Any]) -> float | None:
+    """The run's threat-model eps (threat.eps, else the dataset's default): a number or '8/255'."""
+    dataset = config.get("dataset")
+    for node in (config.get("threat"), dataset.get("threat") if isinstance(dataset, dict) else None):
+        if isinstance(node, dict) and node.get("eps") is not None:
+            return parse_eps(node["eps"])
+    return None
+
+
 def _checkpoints_from_eval(
     evaluation: dict[str, Any], mislabelled: AbstractSet[str] = frozenset()
 ) -> dict[str, dict[str, Any]]:

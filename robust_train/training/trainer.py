@@ -41,7 +41,7 @@ from robust_train.training.callbacks import InstanceTrackingConfig
 from robust_train.training.ema import EMA, EMA_KEY, EVAL_WEIGHTS_KEY, WEIGHTS_KEY
 from robust_train.training.fastpath import FastConfig, FastPath
 from robust_train.training.schedule import ScheduleConfig, lr_at
-from robust_train.training.signals import DEFAULT_SIGNALS, StopSignals, parse_signals
+from robust_train.training.signals import DEFAULT_SIGNALS, StopSignals, exit_code, parse_signals
 from robust_train.training.step import TrainStep
 
 # Offset of the data-order/augmentation generator's seed from the run seed, so it never shares a
@@ -100,6 +100,7 @@ class TrainerConfig(Schema):
     nan: NanConfig = NanConfig()
     # Signals that write a mid-epoch last.pt at the next step boundary, then chain to the previously
     # installed handler (e.g. submitit's requeue) or exit with code 75; rerun in the same dir to resume.
+    # Ctrl-C (SIGINT) is handled alike whatever this lists (exit code 130; a second Ctrl-C stops at once).
     stop_signals: list[str | int] = Field(default_factory=lambda: _default_signals())
 
     def check(self, path: str) -> list[str]:
@@ -176,7 +177,7 @@ class Trainer:
         self.max_term = self.tcfg.nan.max_term
         self.skipped_steps: list[dict[str, Any]] = []
         self._skipped_now = False
-        # Preemption signals (trainer.stop_signals): checkpoint at the next step boundary.
+        # Preemption signals (trainer.stop_signals) and Ctrl-C: checkpoint at the next step boundary.
         self.stop_signals = list(self.tcfg.stop_signals)
         self.signals: StopSignals | None = None
         self._resume: dict[str, Any] | None = None  # a mid-epoch checkpoint to continue from
@@ -296,6 +297,10 @@ class Trainer:
                         self._interrupt(epoch, None, self.run_dir / "last.pt")
                 if self.ema is not None:
                     self.save_ema()
+                if signals.requested is not None:
+                    # Caught while ema.pt was written: training is complete, so a rerun goes straight to
+                    # evaluation; carrying on instead would ignore a Ctrl-C or a scheduler's notice.
+                    self._interrupt(self.epochs - 1, None, self.run_dir / "last.pt")
             finally:
                 self.signals = None
         return self.history
@@ -337,10 +342,11 @@ class Trainer:
 
     def _interrupt(self, epoch: int, step: int | None, path: Path) -> None:
         assert self.signals is not None and self.signals.requested is not None
+        sig = self.signals.requested
         where = f"epoch {epoch + 1}, step {step}" if step is not None else f"the end of epoch {epoch + 1}"
         self.signals.deliver(
-            f"robust-train: stopped by {self.signals.requested.name} at {where}; checkpoint {path} written. "
-            f"Rerun the same command with hydra.run.dir={self.run_dir} to resume (exit code 75)."
+            f"robust-train: stopped by {sig.name} at {where}; checkpoint {path} written. Rerun the same "
+            f"command with hydra.run.dir={self.run_dir} to resume (exit code {exit_code(sig)})."
         )
 
     @contextmanager

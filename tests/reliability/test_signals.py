@@ -1,9 +1,13 @@
-"""Stop signals: checkpoint at the next step boundary, exact mid-epoch resume, handler chaining."""
+"""Stop signals: checkpoint at the next step boundary, exact mid-epoch resume, handler chaining.
+
+Ctrl-C's own behaviour (exit 130, a second Ctrl-C at once, the console script) is in test_sigint.py.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,7 @@ import torch
 
 from robust_train.commands.train import train_run
 from robust_train.tracking.checkpoint import load_checkpoint
-from robust_train.training.signals import EXIT_INTERRUPTED, StopSignals, TrainingInterrupted
+from robust_train.training.signals import EXIT_INTERRUPTED, EXIT_SIGINT, StopSignals, TrainingInterrupted
 from robust_train.training.step import TrainStep
 
 FAST = [
@@ -20,6 +24,17 @@ FAST = [
     "trainer.epochs=2", "trainer.validation.pgd_steps=1", "trainer.validation.max_examples=16",
     "defense.attack.steps=2", "eval.sanity.enabled=false",
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_deliverable() -> Iterator[None]:
+    """Python's own SIGINT handler, as in a terminal, even when the suite runs as a background job whose
+    shell ignores SIGINT (the trainer then rightly leaves it ignored, and the SIGINT cases could not run)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _signal_after(monkeypatch, steps: int, sig: signal.Signals = signal.SIGTERM) -> list[int]:
@@ -46,18 +61,33 @@ def _same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "addons,stop_at",
-    [([], 3), (["addons=[iseat]", "addons.iseat.warm_start_epochs=0"], 8), (["ema.enabled=true"], 8)],
-    ids=["plain", "iseat", "ema"],
+    "addons,stop_at,sig",
+    [
+        ([], 3, signal.SIGTERM),
+        ([], 3, signal.SIGINT),  # Ctrl-C: the same checkpoint and resume, exit code 130
+        (["addons=[iseat]", "addons.iseat.warm_start_epochs=0"], 8, signal.SIGTERM),
+        (["ema.enabled=true"], 8, signal.SIGTERM),
+    ],
+    ids=["plain", "plain-sigint", "iseat", "ema"],
 )
-def test_signal_mid_epoch_then_resume_matches_straight_run(compose, tmp_path, monkeypatch, addons, stop_at):
+def test_signal_mid_epoch_then_resume_matches_straight_run(
+    compose, tmp_path, monkeypatch, addons, stop_at, sig
+):
     cfg = compose([*FAST, *addons])
     train_run(cfg, tmp_path / "straight")
 
-    calls = _signal_after(monkeypatch, stop_at)
-    with pytest.raises(TrainingInterrupted) as info:
+    before = signal.getsignal(sig)
+    calls = _signal_after(monkeypatch, stop_at, sig)
+    try:
         train_run(compose([*FAST, *addons]), tmp_path / "split")
-    assert info.value.code == EXIT_INTERRUPTED and "SIGTERM" in str(info.value)
+    except TrainingInterrupted as err:
+        stop = err
+    except KeyboardInterrupt:  # caught here: escaping, it would end the whole pytest session
+        pytest.fail(f"{sig.name} raised KeyboardInterrupt instead of a checkpoint and a clean stop")
+    else:
+        pytest.fail("training was not stopped")
+    code = EXIT_SIGINT if sig == signal.SIGINT else EXIT_INTERRUPTED
+    assert stop.code == code and f"stopped by {sig.name}" in str(stop)
     state = load_checkpoint(tmp_path / "split" / "last.pt")
     # 96 images / 16 = 6 steps per epoch: stop_at=3 is inside epoch 1, 8 inside epoch 2.
     mid = state["mid_epoch"]
@@ -65,7 +95,7 @@ def test_signal_mid_epoch_then_resume_matches_straight_run(compose, tmp_path, mo
         mid is not None and mid["epoch"] == (stop_at - 1) // 6 and mid["next_batch"] == (stop_at - 1) % 6 + 1
     )
     assert calls[0] == stop_at  # stopped at the boundary right after the signalled step
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(sig) is before  # handlers restored
     monkeypatch.undo()
 
     res = train_run(compose([*FAST, *addons]), tmp_path / "split")
@@ -102,7 +132,7 @@ def test_stop_signals_parse_and_refuse_uncatchable() -> None:
     from robust_train.errors import ConfigError
 
     with StopSignals(["TERM", "SIGUSR2"]) as s:
-        assert [x.name for x in s.signals] == ["SIGTERM", "SIGUSR2"]
+        assert [x.name for x in s.signals] == ["SIGTERM", "SIGUSR2", "SIGINT"]  # Ctrl-C always
         os.kill(os.getpid(), signal.SIGUSR2)
         assert s.requested == signal.SIGUSR2
     with pytest.raises(ConfigError, match="SIGKILL"):

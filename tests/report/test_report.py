@@ -75,7 +75,11 @@ def test_report_groups_seeds_and_sets_papers_beside(sweep: Path, tmp_path: Path)
     assert "| trades | last | last | pgd20 | 40.00–42.00 | 50.00 ± 1.41 | +8.00 |" in md
     assert "table4.autoattack" in md  # a paper column we did not run is named
     assert "boom" in md and "defense=mart" in md  # the failed job
-    assert {p.name for p in report.plots} == {"robust_by_attack.png", "accuracy_vs_epoch.png"}
+    assert {p.name for p in report.plots} == {
+        "robust_by_attack.png",
+        "clean_vs_robust.png",
+        "accuracy_vs_epoch.png",
+    }
     assert all(p.stat().st_size > 1000 for p in report.plots)
 
 

@@ -157,3 +157,29 @@ def test_failed_run_carries_its_error_in_summary_and_notes(
     assert run.summary["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert run.notes.startswith(run.summary["error"]) and "Traceback" in run.notes
     assert run.exit_code == 1
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_the_rerun_finishes(
+    cli, tmp_path: Path, monkeypatch, empty_home: Path
+) -> None:
+    from robust_train.commands import train
+
+    run_dir = tmp_path / "run"
+    evaluate = train.evaluate_checkpoints
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_checkpoints", interrupted)
+    code, text = cli(train_main, "robust-train", [*TRAIN, f"hydra.run.dir={run_dir}"])
+    assert code == 130 and "robust-train: interrupted" in text and "Traceback" not in text
+    [run] = find_runs(run_dir)
+    assert run.exit_code == 130 and "error" not in run.summary  # stopped, not failed
+    assert "robust-train: interrupted" in (run_dir / "cli.log").read_text()
+
+    monkeypatch.setattr(train, "evaluate_checkpoints", evaluate)
+    code, text = cli(train_main, "robust-train", [*TRAIN, f"hydra.run.dir={run_dir}"])
+    assert code == 0, text[-2000:]
+    assert "resumed from" in text and "| checkpoint |" in text
+    first, second = _by_time(run_dir)
+    assert second.run_id == first.run_id and second.exit_code == 0
