@@ -136,6 +136,16 @@ def read_results(path: Path) -> RunRecord:
     )
 
 
+def _evaluation_of_a_run_below(path: Path, root: Path) -> bool:
+    """Whether `path` is a robust-eval result kept inside a training run (`<run>/eval/<suite>-<time>/`)
+    that this search also reaches: that run's own results already stand for the model, and the re-
+    evaluation would count as one more seed. Name the eval folder itself to report it."""
+    parents = path.resolve().parents
+    if len(parents) < 3 or parents[1].name != "eval" or not (parents[2] / RESULTS_FILE).exists():
+        return False
+    return parents[2] == root.resolve() or root.resolve() in parents[2].parents
+
+
 def load_local_runs(paths: list[Path]) -> list[RunRecord]:
     """Every run below the given run or sweep directories (results.json; failed jobs from error.json)."""
     runs: list[RunRecord] = []
@@ -149,7 +159,7 @@ def load_local_runs(paths: list[Path]) -> list[RunRecord]:
         )
         for f in candidates:
             run_dir = f.parent.resolve()
-            if run_dir in seen or "wandb" in f.parts:
+            if run_dir in seen or "wandb" in f.parts or _evaluation_of_a_run_below(f, root):
                 continue
             seen.add(run_dir)
             error = f.parent / ERROR_FILE
@@ -217,6 +227,10 @@ def _wandb_record(run: Any) -> RunRecord:
     )
 
 
+def _job_type(run: Any) -> str | None:
+    return getattr(run, "job_type", None) or getattr(run, "jobType", None)
+
+
 def load_wandb_runs(project: str, group: str | None = None, api: Any = None) -> list[RunRecord]:
     """The runs of a W&B project ("entity/project"), optionally one group (sweep) only."""
     if "/" not in project:
@@ -230,7 +244,8 @@ def load_wandb_runs(project: str, group: str | None = None, api: Any = None) -> 
             raise ResultsError(f"cannot reach the W&B API ({type(err).__name__}: {err})") from err
     filters = {"group": group} if group else None
     try:
-        runs = [_wandb_record(r) for r in api.runs(project, filters=filters)]
+        # robust-eval runs join their training run's group; that run already stands for the model.
+        runs = [_wandb_record(r) for r in api.runs(project, filters=filters) if _job_type(r) != "eval"]
     except ResultsError:
         raise
     except Exception as err:

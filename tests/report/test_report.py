@@ -123,8 +123,10 @@ def test_results_of_another_format_version_are_refused(sweep: Path, tmp_path: Pa
 
 
 class _FakeRun:
-    def __init__(self, i: int, defense: str, pgd: float, state: str = "finished") -> None:
-        self.id, self.name, self.state = f"id{i}", f"run{i}", state
+    def __init__(
+        self, i: int, defense: str, pgd: float, state: str = "finished", job_type: str = "train"
+    ) -> None:
+        self.id, self.name, self.state, self.job_type = f"id{i}", f"run{i}", state, job_type
         self.config = _config(defense, i % 2)
         self.summary = {"eval/best/clean": 90.0, "eval/best/pgd20": pgd, "eval/best/pgd20/time_s": 1.5,
                         "eval_epoch/best": 4, "eval/gap/pgd20": 1.0, "eval/n_examples": 100}  # fmt: skip
@@ -143,6 +145,8 @@ class _FakeApi:
             _FakeRun(0, "pgd_at", 40.0),
             _FakeRun(1, "pgd_at", 42.0),
             _FakeRun(2, "trades", 50.0, "crashed"),
+            # robust-eval of run 0's checkpoint, in its group: not one more seed of pgd_at
+            _FakeRun(3, "pgd_at", 10.0, job_type="eval"),
         ]
 
 
@@ -155,7 +159,7 @@ def test_wandb_pull_with_a_fake_api(tmp_path: Path) -> None:
         runs[0].checkpoints["best"]["epoch"] == 4
         and runs[0].checkpoints["best"]["attacks"]["pgd20"]["time_s"] == 1.5
     )
-    assert runs[2].status == "failed"
+    assert runs[2].status == "failed" and len(runs) == 3
     report = build_report(runs, tmp_path / "w", plots=False)
     assert "| pgd_at | best | 2 | 4.0 ± 0.0 | 90.00 ± 0.00 | 41.00 ± 1.41 |" in report.markdown
     with pytest.raises(ResultsError, match="ENTITY/PROJECT"):
@@ -207,3 +211,14 @@ def test_weight_averaged_runs_get_an_ema_row_and_best_says_which_weights(tmp_pat
     assert "| trades | best (ema) | 1 | 2.0 | 85.00 | 50.00 |" in md
     assert "| trades | last | 1 | 3.0 | 84.00 | 49.00 |" in md
     assert "| trades | ema | 1 | 3.0 | 86.00 | 51.00 |" in md
+
+
+def test_a_runs_own_robust_eval_results_are_not_counted_as_another_seed(sweep: Path) -> None:
+    # robust-eval writes beside the checkpoint: <run>/eval/<suite>-<time>/results.json
+    before = len(load_local_runs([sweep]))
+    _write(sweep / "0" / "eval" / "quick-2026-12-06_10-00-00", "pgd_at", 0, 10.0, 1.0)
+    runs = load_local_runs([sweep])
+    assert len(runs) == before and all("eval" not in Path(r.name).parts for r in runs)
+    # Asked for by name, the evaluation is reported.
+    [evaluation] = load_local_runs([sweep / "0" / "eval"])
+    assert evaluation.checkpoints["best"]["attacks"]["clean"]["accuracy"] == 10.0
