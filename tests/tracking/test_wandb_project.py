@@ -118,6 +118,7 @@ def test_resumed_run_continues_its_step_axis_in_the_same_wandb_run(
     _train(compose, run_dir, "trainer.epochs=2")  # resumes after epoch 1 and trains epoch 2
     first, second = _by_time(run_dir)
     assert first.run_id == second.run_id
+    assert first.group == first.name == "mnist5k-preact_resnet18-pgd_at-s0"  # a single run is its group
     steps_1 = [h["_step"] for h in first.history]
     steps_2 = [h["_step"] for h in second.history]
     assert steps_1 == sorted(steps_1) and steps_2 == sorted(steps_2)
@@ -156,7 +157,7 @@ def test_failed_run_carries_its_error_in_summary_and_notes(
     [run] = find_runs(tmp_path / "run")
     assert run.summary["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert run.notes.startswith(run.summary["error"]) and "Traceback" in run.notes
-    assert run.exit_code == 1
+    assert run.exit_code == 1 and not run.preempting
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_the_rerun_finishes(
@@ -174,7 +175,7 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_the_rerun_finishes(
     code, text = cli(train_main, "robust-train", [*TRAIN, f"hydra.run.dir={run_dir}"])
     assert code == 130 and "robust-train: interrupted" in text and "Traceback" not in text
     [run] = find_runs(run_dir)
-    assert run.exit_code == 130 and "error" not in run.summary  # stopped, not failed
+    assert run.exit_code == 130 and run.preempting and "error" not in run.summary  # stopped, not failed
     assert "robust-train: interrupted" in (run_dir / "cli.log").read_text()
 
     monkeypatch.setattr(train, "evaluate_checkpoints", evaluate)

@@ -73,6 +73,7 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     used_artifacts: list[str] = field(default_factory=list)
     exit_code: int | None = None
+    preempting: bool = False  # marked preempting (resumable) before it stopped
 
     def config_value(self, dotted: str) -> Any:
         node: Any = self.config
@@ -123,6 +124,8 @@ def read_run(run_dir: Path) -> OfflineRun:
             run.history.append({_item_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "use_artifact":
             run.used_artifacts.append(record.use_artifact.artifact.name)
+        elif kind == "preempting":
+            run.preempting = True
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     run.config.pop("_wandb", None)
