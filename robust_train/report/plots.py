@@ -265,7 +265,9 @@ def epochs_figure(groups: list[Group]) -> Figure | None:
             handles.setdefault(legend_label(g, n_hist), line)
             if n_hist > 1:
                 stds = [s.std or 0.0 for _, s in pts]
-                low, high = [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)]
+                # Accuracy lives in [0, 100]; a band past it would suggest values no seed can have.
+                low = [max(0.0, m - s) for m, s in zip(means, stds)]
+                high = [min(100.0, m + s) for m, s in zip(means, stds)]
                 # Many groups' bands overlap: fainter ones keep the lines readable.
                 ax.fill_between(xs, low, high, color=color, alpha=0.18 if len(series) <= 5 else 0.1, lw=0)
             if isinstance(best, Stat):
@@ -440,7 +442,8 @@ def eps_figure(runs: list[RunRecord], kind: str = "best") -> Figure | None:
         ax.plot(xs, means, marker="o", ms=4, color=cmap(c % cmap.N), label=f"{label}: {attack} (n={n})")
         if n > 1:
             stds = [s.std or 0.0 for _, s in pts]
-            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+            ax.fill_between(xs, [max(0.0, m - s) for m, s in zip(means, stds)],
+                            [min(100.0, m + s) for m, s in zip(means, stds)],
                             color=cmap(c % cmap.N), alpha=0.18, lw=0)  # fmt: skip
     # Ticks at the radii that were run, written as 8/255 where they are 255ths.
     ax.xaxis.set_major_locator(FixedLocator(sorted(radii)))

@@ -297,3 +297,15 @@ def test_markdown_to_html_lists_code_and_bold() -> None:
         and "<li>a <code>x&lt;y</code><ul> <li><strong>b</strong></li> </ul></li>" in body
     )
     assert "<li>c</li>" in body and "<p>plain &amp; text</p>" in body
+
+
+def test_epoch_bands_stay_within_0_and_100(tmp_path: Path) -> None:
+    # Seeds at 1 % and 40 % robust accuracy: mean ± std reaches below 0, the band must not.
+    _write(tmp_path / "a", _config("trades", 0), 20.0, 11.0)
+    _write(tmp_path / "b", _config("trades", 1), 95.0, 60.0)
+    fig = epochs_figure(group_runs(load_local_runs([tmp_path])))
+    bands = [c for ax in fig.axes for c in ax.collections if isinstance(c, PolyCollection)]
+    assert bands
+    for band in bands:
+        ys = [y for path in band.get_paths() for _, y in path.vertices]
+        assert min(ys) >= 0.0 and max(ys) <= 100.0
