@@ -12,52 +12,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from signal_helpers import FAST, STEPS_PER_EPOCH, ctrl_c_deliverable, signal_in_step  # noqa: F401
 
 from robust_train.commands.train import train_run
 from robust_train.tracking.checkpoint import load_checkpoint, previous_path, verify_checkpoint
 from robust_train.training.signals import EXIT_SIGINT, StopSignals, TrainingInterrupted
-from robust_train.training.step import TrainStep
-
-FAST = [
-    "debug=fast", "logger=none", "trainer.progress=false", "eval.checkpoints=[last]", "eval=quick",
-    "eval.n_examples=8", "dataset.train_limit=96", "trainer.batch_size=16", "trainer.max_batches=null",
-    "trainer.epochs=2", "trainer.validation.pgd_steps=1", "trainer.validation.max_examples=16",
-    "defense.attack.steps=2", "eval.sanity.enabled=false",
-]  # fmt: skip
-STEPS_PER_EPOCH = 6  # 96 images / 16
-
-
-@pytest.fixture(autouse=True)
-def _ctrl_c_deliverable() -> Iterator[None]:
-    """Python's own SIGINT handler, as in a terminal, even when the suite runs as a background job (its
-    shell ignores SIGINT, which the trainer then rightly leaves ignored); children get SIG_DFL at exec."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 def _sigint_in_step(monkeypatch: pytest.MonkeyPatch, step: int, times: int = 1) -> list[int]:
-    """Send SIGINT `times` times to this process from inside the `step`-th training step."""
-    calls = [0]
-    original = TrainStep.__call__
-
-    def counting(self, x, y):
-        out = original(self, x, y)
-        calls[0] += 1
-        if calls[0] == step:
-            for _ in range(times):
-                os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(TrainStep, "__call__", counting)
-    return calls
+    return signal_in_step(monkeypatch, step, signal.SIGINT, times)
 
 
 def _stopped(run: Callable[[], object]) -> TrainingInterrupted:

@@ -7,50 +7,19 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from signal_helpers import FAST, STEPS_PER_EPOCH, ctrl_c_deliverable, signal_in_step  # noqa: F401
 
 from robust_train.commands.train import train_run
 from robust_train.tracking.checkpoint import load_checkpoint
 from robust_train.training.signals import EXIT_INTERRUPTED, EXIT_SIGINT, StopSignals, TrainingInterrupted
-from robust_train.training.step import TrainStep
-
-FAST = [
-    "debug=fast", "logger=none", "trainer.progress=false", "eval.checkpoints=[last]", "eval=quick",
-    "eval.n_examples=8", "dataset.train_limit=96", "trainer.batch_size=16", "trainer.max_batches=null",
-    "trainer.epochs=2", "trainer.validation.pgd_steps=1", "trainer.validation.max_examples=16",
-    "defense.attack.steps=2", "eval.sanity.enabled=false",
-]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _ctrl_c_deliverable() -> Iterator[None]:
-    """Python's own SIGINT handler, as in a terminal, even when the suite runs as a background job whose
-    shell ignores SIGINT (the trainer then rightly leaves it ignored, and the SIGINT cases could not run)."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 def _signal_after(monkeypatch, steps: int, sig: signal.Signals = signal.SIGTERM) -> list[int]:
-    """Send `sig` to this process from inside the `steps`-th training step (a real signal)."""
-    calls = [0]
-    original = TrainStep.__call__
-
-    def counting(self, x, y):
-        out = original(self, x, y)
-        calls[0] += 1
-        if calls[0] == steps:
-            os.kill(os.getpid(), sig)
-        return out
-
-    monkeypatch.setattr(TrainStep, "__call__", counting)
-    return calls
+    return signal_in_step(monkeypatch, steps, sig)
 
 
 def _same_weights(a: Path, b: Path) -> None:
