@@ -81,8 +81,9 @@ class Tracker:
         """Close the run with its exit code."""
 
 
-# Beside W&B's own `wandb/` folder: the last history step written, so a resumed run continues its step axis.
-STEP_FILE = "robust-train-step.json"
+# In W&B's own `wandb/` folder, per run id (`logger.dir` may be shared by many runs): the last history
+# step written, so a resumed run continues its step axis.
+STEP_FILE = "robust-train-step-{run_id}.json"
 
 
 class WandbTracker(Tracker):
@@ -91,7 +92,7 @@ class WandbTracker(Tracker):
     Everything the run writes stays below its W&B dir (the run directory by default): W&B's staging
     copies of tables and images and its cache would otherwise go to the user's home directory, where an
     offline run copied to another machine for `wandb sync` would lose them. Every record is logged at an
-    explicit step kept in `robust-train-step.json`: W&B numbers the steps of an offline run from 0 again
+    explicit step kept in `robust-train-step-<id>.json`: W&B numbers the steps of an offline run from 0 again
     when it resumes (it cannot ask the server), and the synced run would drop the resumed epochs.
     """
 
@@ -116,7 +117,7 @@ class WandbTracker(Tracker):
         self.log_checkpoints = logger.log_checkpoints
         self.example_images = logger.example_images
         wandb_dir = Path(logger.dir or run_dir)
-        self._step_file = wandb_dir / "wandb" / STEP_FILE
+        self._wandb_dir = wandb_dir / "wandb"
         self.step = self._resume_step(resume_id)
         self._saved_env: dict[str, str | None] = {}
         try:
@@ -153,12 +154,15 @@ class WandbTracker(Tracker):
         if resume_id is None:
             return 0
         try:
-            saved = json.loads(self._step_file.read_text())
+            saved = json.loads(self._step_path(resume_id).read_text())
         except (OSError, ValueError):
             return 0
         if saved.get("run_id") != resume_id or not isinstance(saved.get("step"), int):
             return 0
         return int(saved["step"]) + 1
+
+    def _step_path(self, run_id: str | None) -> Path:
+        return self._wandb_dir / STEP_FILE.format(run_id=run_id)
 
     def _set_env(self, values: dict[str, Path]) -> None:
         for key, path in values.items():
@@ -188,7 +192,8 @@ class WandbTracker(Tracker):
         assert self._run is not None
         self._run.log(payload, step=self.step)
         try:
-            self._step_file.write_text(json.dumps({"run_id": self.run_id, "step": self.step}) + "\n")
+            path = self._step_path(self.run_id)
+            path.write_text(json.dumps({"run_id": self.run_id, "step": self.step}) + "\n")
         except OSError:  # the step axis of a later resume may restart; the run goes on
             pass
         self.step += 1
