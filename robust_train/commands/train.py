@@ -66,7 +66,7 @@ def finished_results(cfg: DictConfig, run_dir: Path, numbers: dict[str, Any]) ->
     eps is work left to do; `eval.force=true` evaluates again anyway.
     """
     path = run_dir / "results.json"
-    if cfg.eval.get("force") or not path.is_file():
+    if cfg.eval.get("force") or not cfg.trainer.get("resume", True) or not path.is_file():
         return None
     try:
         results = read_results(path)
@@ -231,6 +231,8 @@ def train_run(
         tags=run_tags(cfg),
         resume_id=resume_state.get("wandb_run_id") if resume_state else None,
     )
+    if resume_state is not None:
+        tracker.summary({"error": None})  # an earlier attempt's failure is history once the run resumes
     results = new_results(numbers, seed, str(device), run_dir)
     results["run"] = info
     results["wandb"] = {"run_id": tracker.run_id, "group": tracker.group, "name": name}

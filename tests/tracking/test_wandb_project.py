@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from wandb_offline import OfflineRun, find_runs  # noqa: E402
+import wandb_offline  # noqa: E402
+from wandb_offline import OfflineRun  # noqa: E402
 
 from robust_train.cli import eval_main, train_main  # noqa: E402
 
@@ -28,6 +29,15 @@ TRAIN = [
     "eval.checkpoints=[last]", "trainer.validation.pgd_steps=1", "eval.sanity.enabled=false",
     "logger.example_images=0",
 ]  # fmt: skip
+
+
+def find_runs(root: Path) -> list[OfflineRun]:
+    """The offline runs below `root`, once W&B has written them out: its service process writes the
+    run file after `finish()` returns, so an in-process read must wait for the service to stop."""
+    import wandb
+
+    wandb.teardown()
+    return wandb_offline.find_runs(root)
 
 
 def _home_files(home: Path) -> list[str]:
@@ -141,6 +151,10 @@ def test_finished_run_rerun_opens_no_wandb_run(compose, tmp_path: Path, empty_ho
     _train(compose, run_dir, "eval.n_examples=8")
     assert len(find_runs(run_dir)) == 2
     assert json.loads((run_dir / "results.json").read_text())["eval"]["last"]["attacks"]["clean"]["n"] == 8
+    # trainer.resume=false asks for a fresh run in this directory: trained again, as a new W&B run.
+    _train(compose, run_dir, "eval.n_examples=8", "trainer.resume=false")
+    runs = find_runs(run_dir)
+    assert len(runs) == 3 and len({r.run_id for r in runs}) == 2
 
 
 def test_failed_run_carries_its_error_in_summary_and_notes(
@@ -158,6 +172,13 @@ def test_failed_run_carries_its_error_in_summary_and_notes(
     assert run.summary["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert run.notes.startswith(run.summary["error"]) and "Traceback" in run.notes
     assert run.exit_code == 1 and not run.preempting
+
+    # The rerun resumes the same W&B run and clears the error of the failed attempt.
+    monkeypatch.undo()
+    _train(compose, tmp_path / "run")
+    failed, resumed = _by_time(tmp_path / "run")
+    assert resumed.run_id == failed.run_id and resumed.exit_code == 0
+    assert resumed.summary["error"] is None
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_the_rerun_finishes(
