@@ -1,7 +1,9 @@
 """Where robust-eval reads a run and writes its results: beside the checkpoint it evaluates.
 
 `checkpoint=` may name a checkpoint file or a training run's directory (its best.pt); the results go
-to `<run dir>/eval/<suite>-<time>/`, so a run's evaluations stay with the run that trained the model.
+to `<run dir>/eval/<suite>-<checkpoint>-<time>/` (e.g. `quick-best-2026-12-06_10-30-00`), so a run's
+evaluations stay with the run that trained the model, and evaluations of best.pt and last.pt started
+in the same second do not share a folder.
 Weights from elsewhere (`state_dict=`, `model_zoo.name=`) keep `outputs/eval/<date>/<time>`. No torch
 here: Hydra resolves the output directory (through the `robust_eval_dir` resolver) before a job runs.
 """
@@ -54,14 +56,15 @@ def _chose_suite(overrides: Sequence[Any]) -> bool:
 def eval_dir(checkpoint: Any, suite: Any, overrides: Sequence[Any] | None, stamp: str) -> str:
     """The output directory of a robust-eval run (the value of `hydra.run.dir`).
 
-    With a checkpoint: `<its run dir>/eval/<suite>-<stamp>`, where the suite is the one chosen with
-    `eval=` or else the one stored with the run (which is what runs then). Otherwise
+    With a checkpoint: `<its run dir>/eval/<suite>-<kind>-<stamp>`, where the suite is the one chosen
+    with `eval=` or else the one stored with the run (which is what runs then), and the kind the
+    checkpoint's name (best for a run directory). Otherwise
     `outputs/eval/<stamp>` with the stamp's date and time as folders.
     """
     if checkpoint in (None, "", "None"):
         date, _, time = stamp.partition("_")
         return f"{DEFAULT_EVAL_ROOT}/{date}/{time or date}"
     path = Path(str(checkpoint))
-    run_dir = path if path.is_dir() else path.parent
+    run_dir, kind = (path, Path(RUN_DIR_CHECKPOINTS[0]).stem) if path.is_dir() else (path.parent, path.stem)
     name = str(suite) if _chose_suite(overrides or ()) else (_stored_suite(run_dir) or str(suite))
-    return str(run_dir / "eval" / f"{name or 'eval'}-{stamp}")
+    return str(run_dir / "eval" / f"{name or 'eval'}-{kind}-{stamp}")

@@ -165,9 +165,11 @@ class AutoAttack(Attack):
         _, package, version = load_autoattack_class()
         capture = _LogCapture()
         logger = logging.getLogger("auto-attack")
-        old_level = logger.level
+        old_level, old_propagate = logger.level, logger.propagate
         logger.addHandler(capture)
         logger.setLevel(logging.DEBUG)
+        # The package's per-batch debug lines go to the report only, not to the console and cli.log.
+        logger.propagate = False
         try:
             for attack in attacks:
                 if attack in state["done"]:
@@ -193,6 +195,7 @@ class AutoAttack(Attack):
         finally:
             logger.removeHandler(capture)
             logger.setLevel(old_level)
+            logger.propagate = old_propagate
         self.report = {
             "package": package,
             "package_version": version,

@@ -101,17 +101,59 @@ def run_tags(cfg: DictConfig) -> list[str]:
     return tags + [f"addon:{name}" for name, _ in selected(cfg)]
 
 
-def _check_resume_compatible(state: dict[str, Any], cfg: DictConfig, path: Path) -> None:
-    """Refuse to resume a run directory whose last.pt was trained with another model or dataset."""
-    old = state.get("config") or {}
-    for group, keys in (("model", ("name", "width", "normalize")), ("dataset", ("name",))):
-        for key in keys:
-            before, now = (old.get(group) or {}).get(key), cfg[group].get(key)
-            if before != now:
-                raise CheckpointError(
-                    f"{path} was written by a run with {group}.{key}={before!r}, but this run has "
-                    f"{group}.{key}={now!r}; resume with the same {group} or choose a new hydra.run.dir"
-                )
+# What a resumed run may change: how long it trains, how it is evaluated and logged, where files are, and
+# the weight average (it is switched on or off at resume by design; the trained weights are the same).
+# Anything else under these nodes defines what the weights in last.pt were trained with.
+_TRAINED_NODES = ("seed", "model", "dataset", "threat", "defense", "addons", "ema", "trainer")
+_MAY_CHANGE = (
+    "model.init_from", "dataset.root", "dataset.download", "dataset.extra", "dataset.test_limit",
+    "ema", "trainer.epochs", "trainer.progress", "trainer.resume", "trainer.log_every",
+    "trainer.fast", "trainer.validation", "trainer.stop_signals", "trainer.nan", "trainer.instance_tracking",
+    "trainer.max_batches",
+)  # fmt: skip
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _addon_names(config: dict[str, Any]) -> list[str]:
+    node = config.get("addons") or {}
+    return sorted(k for k, v in node.items() if isinstance(v, dict) and v.get("enabled", True))
+
+
+def _check_resume_compatible(state: dict[str, Any], numbers: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a run directory whose last.pt was trained with another config.
+
+    Continuing its weights under another defense, radius or model would train a mix that results.json
+    and W&B then describe as the new config. Keys a run may change on resume (`_MAY_CHANGE`) and keys
+    the checkpoint's config does not have (written by an older version) are not compared.
+    """
+    old_config = numeric_config(state.get("config") or {})
+    old = _leaves({k: v for k, v in old_config.items() if k in _TRAINED_NODES})
+    new = _leaves({k: v for k, v in numbers.items() if k in _TRAINED_NODES})
+    # Add-ons come and go as whole nodes: keys of one side only would not be compared.
+    old["addons"], new["addons"] = _addon_names(old_config), _addon_names(numbers)
+    differ = [
+        key for key in old.keys() & new.keys()
+        if old[key] != new[key] and not any(key == m or key.startswith(m + ".") for m in _MAY_CHANGE)
+    ]  # fmt: skip
+    if not differ:
+        return
+    # Name the choice the user made (defense.name, threat.eps) before the values derived from it.
+    chosen = [k for k in differ if k.endswith(".name") or k == "addons"]
+    key = min(chosen or [k for k in differ if k.startswith("threat.")] or differ)
+    more = f" (and {len(differ) - 1} more key{'s' if len(differ) > 2 else ''})" if len(differ) > 1 else ""
+    raise CheckpointError(
+        f"{path} was written by a run with {key}={old[key]!r}, but this run has {key}={new[key]!r}{more}: "
+        "resuming would go on training those weights under another config. Resume with the run's own "
+        "config (only trainer.epochs, eval.*, logger.* and paths may change) or choose a new hydra.run.dir"
+    )
 
 
 def evaluate_checkpoints(
@@ -200,7 +242,7 @@ def train_run(
         resume_state = load_checkpoint(last, fallback=True)
         if (run_dir / "results.json").exists():
             read_results(run_dir / "results.json")  # refuses a results file of another format version
-        _check_resume_compatible(resume_state, cfg, last)
+        _check_resume_compatible(resume_state, numbers, last)
 
     seed_everything(seed)
     data = build_dataset(cfg.dataset, seed).to(device)
@@ -219,7 +261,8 @@ def train_run(
         check_state_dict_compatible(model, resume_state["model"], str(last))
     instance_tracking = InstanceTracking.from_config(cfg, run_dir, data, threat)  # opt-in, None when off
 
-    name = unique_name(run_name(cfg), job)
+    # The default name shows the seed (-s0); a chosen `name=` does not.
+    name = unique_name(run_name(cfg), job, in_base=() if cfg.get("name") else ("seed",))
     info = run_metadata(job, run_dir, device, model)
     tracker = build_tracker(
         cfg.logger,

@@ -137,7 +137,7 @@ def read_results(path: Path) -> RunRecord:
 
 
 def _evaluation_of_a_run_below(path: Path, root: Path) -> bool:
-    """Whether `path` is a robust-eval result kept inside a training run (`<run>/eval/<suite>-<time>/`)
+    """Whether `path` is a robust-eval result kept inside a training run (`<run>/eval/<suite>-<kind>-<time>/`)
     that this search also reaches: that run's own results already stand for the model, and the re-
     evaluation would count as one more seed. Name the eval folder itself to report it."""
     parents = path.resolve().parents

@@ -19,8 +19,8 @@ from robust_train.tracking.results import git_sha
 if TYPE_CHECKING:  # torch is imported where a device or model exists; cli.py imports this module early
     import torch
 
-# Keys a run name already carries (`-s<seed>`) or that never tell runs apart.
-_NOT_IN_NAME = ("seed", "name", "hydra")
+# Keys that never tell runs apart.
+_NOT_SWEPT = ("hydra",)
 
 
 @dataclass
@@ -42,30 +42,31 @@ def _key_and_value(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
-def swept_overrides(job: JobInfo) -> list[str]:
-    """The job's overrides of the swept keys, as written (`defense.beta=6`), in command-line order."""
+def swept_overrides(job: JobInfo, omit: tuple[str, ...] = ()) -> list[str]:
+    """The job's overrides of the swept keys, as written (`defense.beta=6`), in command-line order;
+    keys in `omit` (and their subkeys) left out."""
     swept = set(job.swept)
+    skip = _NOT_SWEPT + tuple(omit)
     out = []
     for override in job.overrides:
         key, value = _key_and_value(override)
-        if key in swept and key.split(".")[0] not in _NOT_IN_NAME:
+        if key in swept and not any(key == k or key.startswith(k + ".") for k in skip):
             out.append(f"{key}={value}")
     return out
 
 
-def unique_name(base: str, job: JobInfo | None) -> str:
+def unique_name(base: str, job: JobInfo | None, in_base: tuple[str, ...] = ()) -> str:
     """`base` with the swept values of a multirun job (`... defense.beta=6 trainer.lr=0.1`).
 
-    A job whose sweep could not be read (or that sweeps only the seed, already in the base) keeps the
-    base; with no swept value at all in a sweep, the job number keeps names apart.
+    `in_base` are keys whose value the base already shows (`seed` in the default `-s<seed>`). A job
+    whose sweep could not be read keeps names apart by its job number.
     """
     if job is None or not job.multirun:
         return base
-    values = swept_overrides(job)
+    values = swept_overrides(job, omit=("name", *in_base))
     if values:
         return f"{base} {' '.join(values)}"
-    only_seed = bool(job.swept) and all(k.split(".")[0] in _NOT_IN_NAME for k in job.swept)
-    if only_seed or job.num is None:
+    if job.swept or job.num is None:  # only keys the base shows were swept: the base is unique
         return base
     return f"{base} job{job.num}"
 

@@ -30,13 +30,13 @@ def test_output_dir_is_beside_the_checkpoint_named_by_the_suite_that_runs(tmp_pa
     (run / "results.json").write_text(json.dumps({"config": {"eval": {"name": "paper_slim"}}}))
     ckpt = run / "last.pt"
     # eval= chosen: that suite; not chosen: the suite stored with the run (which is what runs).
-    assert eval_dir(str(ckpt), "quick", ["eval=quick"], STAMP) == str(run / "eval" / f"quick-{STAMP}")
+    assert eval_dir(str(ckpt), "quick", ["eval=quick"], STAMP) == str(run / "eval" / f"quick-last-{STAMP}")
     assert eval_dir(str(ckpt), "default", ["eval.n_examples=8"], STAMP) == str(
-        run / "eval" / f"paper_slim-{STAMP}"
+        run / "eval" / f"paper_slim-last-{STAMP}"
     )
-    assert eval_dir(str(run), "default", [], STAMP) == str(run / "eval" / f"paper_slim-{STAMP}")
+    assert eval_dir(str(run), "default", [], STAMP) == str(run / "eval" / f"paper_slim-best-{STAMP}")
     (run / "results.json").unlink()
-    assert eval_dir(str(ckpt), "default", [], STAMP) == str(run / "eval" / f"default-{STAMP}")
+    assert eval_dir(str(ckpt), "default", [], STAMP) == str(run / "eval" / f"default-last-{STAMP}")
     # Weights from elsewhere keep the date/time layout.
     assert eval_dir(None, "default", [], STAMP) == "outputs/eval/2026-12-06/10-30-00"
 
@@ -45,7 +45,7 @@ def test_help_lists_the_sources_and_not_the_keys_robust_eval_ignores(cli) -> Non
     code, text = cli(eval_main, "robust-eval", ["--help"])
     assert code == 0
     assert "checkpoint=<run dir or .pt file>" in text and "state_dict=<file>" in text
-    assert "model_zoo.name=" in text and "<run dir>/eval/<suite>-<time>/" in text
+    assert "model_zoo.name=" in text and "<run dir>/eval/<suite>-<checkpoint>-<time>/" in text
     config = text.split("== Config ==", 1)[1]
     keys = {line.strip().split(":")[0] for line in config.splitlines() if line.startswith("  ")}
     assert "force" not in keys and "checkpoints" not in keys

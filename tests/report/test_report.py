@@ -214,9 +214,9 @@ def test_weight_averaged_runs_get_an_ema_row_and_best_says_which_weights(tmp_pat
 
 
 def test_a_runs_own_robust_eval_results_are_not_counted_as_another_seed(sweep: Path) -> None:
-    # robust-eval writes beside the checkpoint: <run>/eval/<suite>-<time>/results.json
+    # robust-eval writes beside the checkpoint: <run>/eval/<suite>-<kind>-<time>/results.json
     before = len(load_local_runs([sweep]))
-    _write(sweep / "0" / "eval" / "quick-2026-12-06_10-00-00", "pgd_at", 0, 10.0, 1.0)
+    _write(sweep / "0" / "eval" / "quick-best-2026-12-06_10-00-00", "pgd_at", 0, 10.0, 1.0)
     runs = load_local_runs([sweep])
     assert len(runs) == before and all("eval" not in Path(r.name).parts for r in runs)
     # Asked for by name, the evaluation is reported.

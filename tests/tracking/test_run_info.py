@@ -39,8 +39,13 @@ def test_names_carry_the_swept_values_and_stay_unique_in_a_sweep() -> None:
 def test_single_runs_seed_sweeps_and_unreadable_sweeps() -> None:
     assert unique_name(BASE, None) == BASE
     assert unique_name(BASE, JobInfo(overrides=["defense.beta=6"], swept=[], multirun=False)) == BASE
-    # The seed is in the base name already.
-    assert unique_name(BASE, JobInfo(["seed=1"], ["seed"], num=1, multirun=True)) == BASE
+    # The default name shows the seed already; a chosen name does not.
+    seeds = JobInfo(["name=mine", "seed=1"], ["seed"], num=1, multirun=True)
+    assert unique_name(BASE, seeds, in_base=("seed",)) == BASE
+    assert unique_name("mine", seeds) == "mine seed=1"
+    both = JobInfo(["seed=1", "trainer.nan.max_term=0.001"], ["seed", "trainer.nan.max_term"], 3, True)
+    assert unique_name("mine", both) == "mine seed=1 trainer.nan.max_term=0.001"
+    assert run_metadata(seeds, Path("."), torch.device("cpu"), None)["swept"] == ["seed=1"]
     # A sweep whose keys could not be read: the job number keeps the names apart.
     assert unique_name(BASE, JobInfo(["defense.beta=6"], [], num=3, multirun=True)) == f"{BASE} job3"
 

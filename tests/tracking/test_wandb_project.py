@@ -92,7 +92,7 @@ def test_two_by_two_sweep_and_its_eval_run_read_back_from_the_offline_files(
             "eval.sanity.enabled=false"]  # fmt: skip
     code, text = cli(eval_main, "robust-eval", argv)
     assert code == 0, text[-3000:]
-    outs = sorted((run_dir / "eval").glob("quick-*/results.json"))
+    outs = sorted((run_dir / "eval").glob("quick-best-*/results.json"))
     assert len(outs) == 1, list((run_dir / "eval").iterdir()) if (run_dir / "eval").exists() else run_dir
     results = json.loads(outs[0].read_text())
     assert results["train_run"]["run_id"] == trained.run_id
@@ -205,3 +205,20 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_the_rerun_finishes(
     assert "resumed from" in text and "| checkpoint |" in text
     first, second = _by_time(run_dir)
     assert second.run_id == first.run_id and second.exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "change,key",
+    [("defense=trades", "defense.name"), ("threat.eps=0.05", "threat.eps"),
+     ("trainer.optimizer.lr=0.01", "trainer.optimizer.lr"), ("addons=[lad]", "addons")],
+)  # fmt: skip
+def test_a_run_dir_is_not_resumed_under_another_training_config(compose, tmp_path: Path, change, key) -> None:
+    from robust_train.errors import CheckpointError
+
+    run_dir = tmp_path / "run"
+    _train(compose, run_dir)
+    before = (run_dir / "results.json").read_text()
+    # A longer run of the same config is work left to do, not another config.
+    with pytest.raises(CheckpointError, match=rf"written by a run with {key}=.*but this run has {key}="):
+        _train(compose, run_dir, "trainer.epochs=2", change)
+    assert (run_dir / "results.json").read_text() == before  # nothing relabelled
