@@ -301,6 +301,7 @@ def _interrupted(prog: str) -> None:
     """Ctrl-C outside the training loop (which checkpoints and exits by itself), or a second Ctrl-C:
     one line instead of a traceback; rerunning the same command resumes from the last checkpoint."""
     print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+    _discard_fresh_dirs()  # a run stopped before it wrote anything leaves no empty run dir behind
     sys.exit(EXIT_INTERRUPTED)
 
 

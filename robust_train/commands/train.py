@@ -278,7 +278,8 @@ def train_run(
         tracker.summary({"error": None})  # an earlier attempt's failure is history once the run resumes
     results = new_results(numbers, seed, str(device), run_dir)
     results["run"] = info
-    results["wandb"] = {"run_id": tracker.run_id, "group": tracker.group, "name": name}
+    # The group even without W&B (logger=none): a later robust-eval with W&B joins it.
+    results["wandb"] = {"run_id": tracker.run_id, "group": tracker.group or group or name, "name": name}
     results_path = run_dir / "results.json"
     meta = {
         "config": config,

@@ -113,7 +113,8 @@ def test_two_by_two_sweep_and_its_eval_run_read_back_from_the_offline_files(
 def _train(compose, run_dir: Path, *extra: str) -> dict:
     from robust_train.commands.train import train_run
 
-    return train_run(compose([*TRAIN, *extra]), run_dir)
+    base = [o for o in TRAIN if not o.startswith("logger.")] if "logger=none" in extra else TRAIN
+    return train_run(compose([*base, *extra]), run_dir)
 
 
 def _by_time(run_dir: Path) -> list[OfflineRun]:
@@ -222,3 +223,32 @@ def test_a_run_dir_is_not_resumed_under_another_training_config(compose, tmp_pat
     with pytest.raises(CheckpointError, match=rf"written by a run with {key}=.*but this run has {key}="):
         _train(compose, run_dir, "trainer.epochs=2", change)
     assert (run_dir / "results.json").read_text() == before  # nothing relabelled
+
+
+def test_eval_of_a_run_trained_without_wandb_joins_its_group(
+    cli, compose, tmp_path: Path, empty_home
+) -> None:
+    run_dir = tmp_path / "run"
+    _train(compose, run_dir, "logger=none")
+    argv = [f"checkpoint={run_dir / 'last.pt'}", "eval=quick", "eval.n_examples=8", "logger.example_images=0",
+            "eval.sanity.enabled=false"]  # fmt: skip
+    code, text = cli(eval_main, "robust-eval", argv)
+    assert code == 0, text[-2000:]
+    [evaluation] = find_runs(run_dir / "eval")
+    assert evaluation.group == "mnist5k-preact_resnet18-pgd_at-s0" and evaluation.path.parents[
+        1
+    ].name.startswith("quick-last-")
+    assert evaluation.config_value("train_run.run_id") is None
+
+
+def test_ctrl_c_before_anything_is_written_leaves_no_run_dir(cli, tmp_path: Path, monkeypatch) -> None:
+    from robust_train.commands import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_run", interrupted)
+    run_dir = tmp_path / "outputs" / "run"
+    code, text = cli(train_main, "robust-train", [*TRAIN, f"hydra.run.dir={run_dir}"])
+    assert code == 130 and "robust-train: interrupted" in text
+    assert not run_dir.exists() and not run_dir.parent.exists()
