@@ -72,6 +72,31 @@ def numeric_flat(config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+class RelativeStep(str):
+    """A step size as a multiple of its eps (`eps/4`): what tells runs apart is the ratio, since a sweep
+    over eps changes every step that follows it."""
+
+
+def relative_steps(flat: dict[str, Any]) -> dict[str, Any]:
+    """`numeric_flat` with every step that is a simple fraction of its eps written as that fraction."""
+    out = dict(flat)
+    threat = flat.get("threat.eps")
+    for key, value in flat.items():
+        if key.rsplit(".", 1)[-1] != "step" or not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        eps = flat.get(key[: -len("step")] + "eps")
+        eps = eps if isinstance(eps, int | float) and eps else threat
+        if not isinstance(eps, int | float) or not eps:
+            continue
+        ratio = float(value) / float(eps)
+        inverse = 1 / ratio if ratio else 0.0
+        if ratio and abs(inverse - round(inverse)) < 1e-6:
+            out[key] = RelativeStep("eps" if round(inverse) == 1 else f"eps/{round(inverse)}")
+        else:
+            out[key] = RelativeStep(f"{ratio:.6g}*eps")
+    return out
+
+
 def _ignored(key: str, extra: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in _IGNORED + extra)
 
@@ -165,6 +190,8 @@ def short_key(key: str, keys: set[str]) -> str:
 def _value_text(key: str, value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, RelativeStep):
+        return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -213,7 +240,11 @@ def group_runs(runs: list[RunRecord], exclude: tuple[str, ...] = ()) -> list[Gro
     """Group finished runs by config minus seed (and `exclude` keys); label each group readably."""
     runs = [r for r in runs if r.checkpoints]
     # The identity of a model robust-train did not train is part of what tells runs apart.
-    flats = [numeric_flat(r.config) | ({"model_identity": r.identity} if r.identity else {}) for r in runs]
+    # Steps as fractions of eps: an eps sweep moves every step with it, and only eps should tell apart.
+    flats = [
+        relative_steps(numeric_flat(r.config)) | ({"model_identity": r.identity} if r.identity else {})
+        for r in runs
+    ]
     all_keys = {k for f in flats for k in f}
     keys = sorted(all_keys)
     varying = [k for k in keys if not _ignored(k, exclude) and not _same([f.get(k) for f in flats])]
@@ -226,6 +257,11 @@ def group_runs(runs: list[RunRecord], exclude: tuple[str, ...] = ()) -> list[Gro
     groups = [
         Group(_base_label(runs[idx[0]], varying_groups), [runs[i] for i in idx]) for idx in buckets.values()
     ]
+    if "threat.eps" in varying:
+        # Groups at different radii are different numbers, even when their methods differ anyway.
+        for g, idx in zip(groups, buckets.values()):
+            g.label += f" eps={_value_text('threat.eps', flats[idx[0]].get('threat.eps'))}"
+        varying = [k for k in varying if k != "threat.eps"]
     reps = {id(g): flats[idx[0]] for g, idx in zip(groups, buckets.values())}
     # Groups the base label cannot tell apart get the keys that differ among them (beta=3).
     by_label: dict[str, list[Group]] = {}

@@ -309,3 +309,22 @@ def test_epoch_bands_stay_within_0_and_100(tmp_path: Path) -> None:
     for band in bands:
         ys = [y for path in band.get_paths() for _, y in path.vertices]
         assert min(ys) >= 0.0 and max(ys) <= 100.0
+
+
+def test_an_eps_sweep_with_steps_that_follow_eps_is_one_method_per_label(tmp_path: Path) -> None:
+    # results.json stores steps as numbers (eps/4 at each eps): they differ whenever eps does.
+    for i, k in enumerate([4, 8]):
+        for defense in ("standard", "pgd_at"):
+            steps = {"threat.step": k / 4 / 255, "defense.attack.step": k / 4 / 255}
+            _write(tmp_path / f"{defense}{i}", _config(defense, 0, eps=k / 255, **steps), 80.0, 60.0 - 4 * k)
+    groups = group_runs(load_local_runs([tmp_path]))
+    assert [g.label for g in groups] == [
+        "pgd_at eps=4/255", "pgd_at eps=8/255", "standard eps=4/255", "standard eps=8/255"
+    ]  # fmt: skip
+    fig = eps_figure(load_local_runs([tmp_path]))
+    assert fig is not None  # one line per method across the radii
+    assert sorted(_legend_texts(fig)) == ["pgd_at: pgd20 (n=1)", "standard: pgd20 (n=1)"]
+    # A step that does not follow eps still tells runs apart, as a fraction of eps.
+    _write(tmp_path / "odd", _config("pgd_at", 0, eps=8 / 255, **{"threat.step": 1 / 255}), 80.0, 20.0)
+    labels = [g.label for g in group_runs(load_local_runs([tmp_path]))]
+    assert any("step=eps/8" in label for label in labels) and any("step=eps/4" in label for label in labels)
