@@ -93,6 +93,7 @@ def _job_info() -> JobInfo:
         swept=_swept_keys(Path(hc.sweep.dir)) if multirun else [],
         num=int(num) if num is not None else None,
         multirun=multirun,
+        sweep_dir=str(hc.sweep.dir) if multirun else None,
     )
 
 

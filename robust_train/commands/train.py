@@ -305,6 +305,10 @@ def train_run(
         tracker=tracker, checkpoint_extra=meta, on_epoch_end=record_epoch,
         callbacks=[instance_tracking] if instance_tracking is not None else [],
     )  # fmt: skip
+    if job is not None and job.multirun and job.sweep_dir:
+        trainer.resume_hint = (
+            f"Rerun the sweep's command with hydra.sweep.dir={job.sweep_dir} to resume its unfinished jobs"
+        )
     print(f"run dir: {run_dir}\ndata: {data.summary()}\ndevice: {device}", flush=True)
     try:
         if resume_state is not None:

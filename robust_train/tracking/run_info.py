@@ -28,13 +28,15 @@ class JobInfo:
     """One Hydra job as the commands see it.
 
     `overrides` are the job's own command-line overrides (`defense.beta=6`); `swept` are the keys a
-    multirun varies (`defense.beta`), empty for a single run; `num` is the job's number in a sweep.
+    multirun varies (`defense.beta`), empty for a single run; `num` is the job's number in a sweep and
+    `sweep_dir` the sweep's directory.
     """
 
     overrides: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
     num: int | None = None
     multirun: bool = False
+    sweep_dir: str | None = None
 
 
 def _key_and_value(override: str) -> tuple[str, str]:

@@ -145,6 +145,8 @@ class Trainer:
         self.dcfg = dcfg
         threat_cfg = validate_node(ThreatConfig, cfg.threat, "threat")
         self.run_dir = Path(run_dir)
+        # How to resume, said when a stop signal ends the run (a multirun job resumes with its sweep).
+        self.resume_hint = f"Rerun the same command with hydra.run.dir={self.run_dir} to resume"
         self.data = data
         self.model = model
         self.defense = defense
@@ -345,8 +347,8 @@ class Trainer:
         sig = self.signals.requested
         where = f"epoch {epoch + 1}, step {step}" if step is not None else f"the end of epoch {epoch + 1}"
         self.signals.deliver(
-            f"robust-train: stopped by {sig.name} at {where}; checkpoint {path} written. Rerun the same "
-            f"command with hydra.run.dir={self.run_dir} to resume (exit code {exit_code(sig)})."
+            f"robust-train: stopped by {sig.name} at {where}; checkpoint {path} written. {self.resume_hint} "
+            f"(exit code {exit_code(sig)})."
         )
 
     @contextmanager

@@ -108,3 +108,14 @@ def test_stop_signals_parse_and_refuse_uncatchable() -> None:
         StopSignals(["SIGKILL"])
     with pytest.raises(ConfigError, match="trainer.stop_signals"):
         StopSignals(["SIGBOGUS"])
+
+
+def test_a_sweep_job_stopped_by_a_signal_says_to_rerun_the_sweep(cli, tmp_path, monkeypatch) -> None:
+    from robust_train.cli import train_main
+
+    signal_in_step(monkeypatch, 2, signal.SIGTERM)
+    sweep = tmp_path / "sweep"
+    code, text = cli(train_main, "robust-train", ["-m", *FAST, "seed=0,1", f"hydra.sweep.dir={sweep}"])
+    assert code == EXIT_INTERRUPTED
+    assert f"Rerun the sweep's command with hydra.sweep.dir={sweep} to resume" in text
+    assert "hydra.run.dir" not in text
