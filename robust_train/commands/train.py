@@ -28,7 +28,7 @@ from robust_train.schema import validate_node
 from robust_train.tracking.checkpoint import load_checkpoint, resumable_checkpoint, seed_everything
 from robust_train.tracking.results import format_table, new_results, read_results, write_results
 from robust_train.tracking.run_info import JobInfo, run_metadata, unique_name
-from robust_train.tracking.wandb_run import Tracker, build_tracker
+from robust_train.tracking.wandb_run import Tracker, build_tracker, earlier_run_id
 from robust_train.training.callbacks import InstanceTracking
 from robust_train.training.ema import EMAConfig, checkpoint_weights, with_weights
 from robust_train.training.trainer import Trainer
@@ -272,7 +272,13 @@ def train_run(
         # A single run is its own group, which its robust-eval runs join.
         group=group or name,
         tags=run_tags(cfg),
-        resume_id=resume_state.get("wandb_run_id") if resume_state else None,
+        resume_id=(
+            resume_state.get("wandb_run_id")
+            if resume_state
+            else earlier_run_id(cfg.logger, run_dir)
+            if cfg.trainer.get("resume", True)
+            else None
+        ),
     )
     if resume_state is not None:
         tracker.summary({"error": None})  # an earlier attempt's failure is history once the run resumes

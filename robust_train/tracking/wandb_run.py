@@ -84,6 +84,8 @@ class Tracker:
 # In W&B's own `wandb/` folder, per run id (`logger.dir` may be shared by many runs): the last history
 # step written, so a resumed run continues its step axis.
 STEP_FILE = "robust-train-step-{run_id}.json"
+# The W&B run of the last attempt in this dir, for a rerun when no checkpoint says it (stopped early).
+RUN_FILE = "robust-train-run.json"
 
 
 class WandbTracker(Tracker):
@@ -143,6 +145,10 @@ class WandbTracker(Tracker):
                 reinit="finish_previous",
             )
             self.run_id = self._run.id
+            try:
+                (wandb_dir / "wandb" / RUN_FILE).write_text(json.dumps({"run_id": self.run_id}) + "\n")
+            except OSError:
+                pass
             self._run.define_metric("epoch")
             for pattern in ("train/*", "val/*", "lr"):
                 self._run.define_metric(pattern, step_metric="epoch")
@@ -345,6 +351,19 @@ def example_rows(model: Any, attacks: dict[str, Any], x_uint8: Any, y: Any) -> l
     finally:
         model.train(was_training)
     return rows
+
+
+def earlier_run_id(cfg: Any, run_dir: Path) -> str | None:
+    """The W&B run id of an earlier attempt in `run_dir` that stopped before its first checkpoint (which
+    would otherwise carry the id): a rerun continues that run instead of leaving it orphaned."""
+    if cfg is None or cfg.get("name") != "wandb" or cfg.get("mode") == "disabled" or cfg.get("dir"):
+        return None  # a `logger.dir` may be shared by many runs: its file says nothing of this one
+    path = Path(run_dir) / "wandb" / RUN_FILE
+    try:
+        run_id = json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(run_id) if run_id else None
 
 
 def build_tracker(

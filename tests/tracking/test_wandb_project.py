@@ -252,3 +252,24 @@ def test_ctrl_c_before_anything_is_written_leaves_no_run_dir(cli, tmp_path: Path
     code, text = cli(train_main, "robust-train", [*TRAIN, f"hydra.run.dir={run_dir}"])
     assert code == 130 and "robust-train: interrupted" in text
     assert not run_dir.exists() and not run_dir.parent.exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_continues_its_wandb_run(
+    compose, tmp_path: Path, monkeypatch, empty_home: Path
+) -> None:
+    from robust_train.training.trainer import Trainer
+
+    def stopped(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "fit", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            _train(compose, tmp_path / "run")
+    assert not (tmp_path / "run" / "last.pt").exists()
+    _train(compose, tmp_path / "run")
+    first, second = _by_time(tmp_path / "run")
+    assert first.preempting and second.run_id == first.run_id and second.exit_code == 0
+    # A fresh start on purpose is a new W&B run.
+    _train(compose, tmp_path / "run", "trainer.resume=false")
+    assert len({r.run_id for r in find_runs(tmp_path / "run")}) == 2
