@@ -263,6 +263,10 @@ def train_run(
 
     # The default name shows the seed (-s0); a chosen `name=` does not.
     name = unique_name(run_name(cfg), job, in_base=() if cfg.get("name") else ("seed",))
+    # The checkpoint's W&B run; without one, that of an attempt stopped before its first checkpoint.
+    wandb_id = resume_state.get("wandb_run_id") if resume_state else None
+    if resume_state is None and cfg.trainer.get("resume", True):
+        wandb_id = earlier_run_id(cfg.logger, run_dir)
     info = run_metadata(job, run_dir, device, model)
     tracker = build_tracker(
         cfg.logger,
@@ -272,13 +276,7 @@ def train_run(
         # A single run is its own group, which its robust-eval runs join.
         group=group or name,
         tags=run_tags(cfg),
-        resume_id=(
-            resume_state.get("wandb_run_id")
-            if resume_state
-            else earlier_run_id(cfg.logger, run_dir)
-            if cfg.trainer.get("resume", True)
-            else None
-        ),
+        resume_id=wandb_id,
     )
     if resume_state is not None:
         tracker.summary({"error": None})  # an earlier attempt's failure is history once the run resumes
