@@ -25,7 +25,12 @@ from robust_train.evaluation.evaluate import EvalSetup, evaluate_model, log_eval
 from robust_train.models import check_state_dict_compatible
 from robust_train.models.init import initialize_from
 from robust_train.schema import validate_node
-from robust_train.tracking.checkpoint import load_checkpoint, resumable_checkpoint, seed_everything
+from robust_train.tracking.checkpoint import (
+    load_checkpoint,
+    load_newest_checkpoint,
+    resumable_checkpoint,
+    seed_everything,
+)
 from robust_train.tracking.results import format_table, new_results, read_results, write_results
 from robust_train.tracking.run_info import JobInfo, run_metadata, unique_name
 from robust_train.tracking.wandb_run import Tracker, build_tracker, earlier_run_id
@@ -236,13 +241,13 @@ def train_run(
         return finished
 
     resume_state = None
-    last = run_dir / "last.pt"
+    last = resumed_from = run_dir / "last.pt"
     if cfg.trainer.get("resume", True) and resumable_checkpoint(last):
         # A corrupt or missing last.pt (hard kill, disk error) falls back to last.prev.pt with a warning.
-        resume_state = load_checkpoint(last, fallback=True)
+        resume_state, resumed_from = load_newest_checkpoint(last)
         if (run_dir / "results.json").exists():
             read_results(run_dir / "results.json")  # refuses a results file of another format version
-        _check_resume_compatible(resume_state, numbers, last)
+        _check_resume_compatible(resume_state, numbers, resumed_from)
 
     seed_everything(seed)
     data = build_dataset(cfg.dataset, seed).to(device)
@@ -317,7 +322,7 @@ def train_run(
     try:
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
-            print(f"resumed from {last} after epoch {trainer.epoch}", flush=True)
+            print(f"resumed from {resumed_from} after epoch {trainer.epoch}", flush=True)
         trainer.fit()
         record_epoch({})
         if instance_tracking is not None:

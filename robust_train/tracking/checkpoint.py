@@ -209,21 +209,33 @@ def load_checkpoint(
     With `fallback`, a bad or missing newest file is replaced by the previous good one
     (`<stem>.prev.pt`) with a warning; the error is raised only when both are unusable.
     """
+    if not fallback:
+        return _load_one(Path(path), map_location)
+    return load_newest_checkpoint(path, map_location)[0]
+
+
+def load_newest_checkpoint(
+    path: Path | str, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], Path]:
+    """`load_checkpoint(path, fallback=True)`, and the file that was read (`path` or its `.prev.pt`)."""
     path = Path(path)
     try:
-        return _load_one(path, map_location)
+        return _load_one(path, map_location), path
     except CheckpointError as err:
         prev = previous_path(path)
-        if not fallback or not prev.is_file():
+        if not prev.is_file():
             raise
         try:
             state = _load_one(prev, map_location)
         except CheckpointError as err2:
             raise CheckpointError(f"{err}; the fallback is unusable too: {err2}") from None
-        message = f"{err}; using the previous checkpoint {prev} (epoch {state.get('epoch')}) instead"
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        print(f"warning: {message}", flush=True)
-        return state
+        # One warning: stderr is teed into cli.log, so a second printed copy only repeated it.
+        warnings.warn(
+            f"{err}; using the previous checkpoint {prev} (epoch {state.get('epoch')}) instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return state, prev
 
 
 def resumable_checkpoint(path: Path | str) -> bool:

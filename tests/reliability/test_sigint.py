@@ -138,7 +138,7 @@ def test_ignored_sigint_stays_ignored() -> None:
 
 @pytest.mark.parametrize("during", ["torch.save", "rename"])
 def test_second_ctrl_c_during_the_checkpoint_write_leaves_a_resumable_run(
-    compose, tmp_path, monkeypatch, during
+    compose, tmp_path, monkeypatch, capsys, during
 ) -> None:
     """The second Ctrl-C lands while the mid-epoch last.pt is written: while the temporary file is
     written, or between moving the old last.pt to last.prev.pt and the new one into place (the worst
@@ -188,8 +188,14 @@ def test_second_ctrl_c_during_the_checkpoint_write_leaves_a_resumable_run(
     monkeypatch.undo()
 
     if during == "rename":
-        with pytest.warns(RuntimeWarning, match="using the previous checkpoint"):
+        capsys.readouterr()
+        with pytest.warns(RuntimeWarning, match="using the previous checkpoint") as caught:
             res = train_run(compose(FAST), run)
+        # One warning, and the console names the file the run really continued from.
+        assert len([w for w in caught if "previous checkpoint" in str(w.message)]) == 1
+        out = capsys.readouterr().out
+        assert f"resumed from {previous_path(last)} after epoch 1" in out
+        assert "previous checkpoint" not in out  # the warning is not printed a second time
     else:
         res = train_run(compose(FAST), run)
     assert res["train"]["epochs_completed"] == 2
